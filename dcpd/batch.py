@@ -175,7 +175,9 @@ class DCPPlanConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
             _check(value >= 1, name, value, "must be >= 1")
-        _check(0.0 <= self.kv_reserve_fraction < 1.0, "kv_reserve_fraction", self.kv_reserve_fraction, "must be in [0, 1)")
+        _check(
+            0.0 <= self.kv_reserve_fraction < 1.0, "kv_reserve_fraction", self.kv_reserve_fraction, "must be in [0, 1)"
+        )
         _check(
             isinstance(self.dcp_rank, int) and 0 <= self.dcp_rank < self.dcp_size,
             "dcp_rank",
@@ -183,7 +185,9 @@ class DCPPlanConfig:
             f"must be in [0, dcp_size={self.dcp_size})",
         )
         _check(
-            isinstance(self.interleave_size, int) and self.interleave_size >= 1 and self.block_size % self.interleave_size == 0,
+            isinstance(self.interleave_size, int)
+            and self.interleave_size >= 1
+            and self.block_size % self.interleave_size == 0,
             "interleave_size",
             self.interleave_size,
             f"must be a positive divisor of block_size={self.block_size}",

@@ -158,7 +158,15 @@ class DCPSim:
             req = self.requests[rid]
             positions = list(range(req.computed, req.computed + n))
             seq = req.computed + n
-            refs.append(naive_attention(self._round(req.q[positions]), self._round(req.k[:seq]), self._round(req.v[:seq]), positions, self.scale))
+            refs.append(
+                naive_attention(
+                    self._round(req.q[positions]),
+                    self._round(req.k[:seq]),
+                    self._round(req.v[:seq]),
+                    positions,
+                    self.scale,
+                )
+            )
             req.computed += n
         return merged[0], merged[1], refs
 

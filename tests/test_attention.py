@@ -24,7 +24,14 @@ def ragged_lengths(rng: random.Random, n: int, low: int, high: int) -> list[int]
 @pytest.mark.parametrize("heads", HEADS)
 def test_prefill_with_context_matches_reference(dtype: torch.dtype, backend: str, heads: tuple[int, int]) -> None:
     rng = random.Random(hash((str(dtype), backend, heads)) % 1000)
-    sim = DCPSim(num_q_heads=heads[0], num_kv_heads=heads[1], dtype=dtype, backend=backend, fragment=True, seed=rng.randint(0, 99))
+    sim = DCPSim(
+        num_q_heads=heads[0],
+        num_kv_heads=heads[1],
+        dtype=dtype,
+        backend=backend,
+        fragment=True,
+        seed=rng.randint(0, 99),
+    )
     contexts = [0, 1, 15, 16, 17, 40] + ragged_lengths(rng, 4, 2, 90)
     news = [1, 16, 3, 33, 5, 17] + ragged_lengths(rng, 4, 1, 40)
     for i, (ctx, new) in enumerate(zip(contexts, news)):

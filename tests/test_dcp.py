@@ -21,7 +21,13 @@ STRATEGIES = list(AllReduceStrategy)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_dcp_prefill_and_decode_match_unsharded(dcp_size: int, interleave: int, strategy: AllReduceStrategy) -> None:
     sim = DCPSim(
-        dcp_size=dcp_size, interleave=interleave, num_q_heads=12, num_kv_heads=2, strategy=strategy, fragment=True, seed=dcp_size
+        dcp_size=dcp_size,
+        interleave=interleave,
+        num_q_heads=12,
+        num_kv_heads=2,
+        strategy=strategy,
+        fragment=True,
+        seed=dcp_size,
     )
     rng = random.Random(dcp_size * 31 + interleave)
     prompts = [1, 2, 5, 16, 33, 70] + [rng.randint(1, 150) for _ in range(4)]

@@ -35,6 +35,7 @@ def test_n_way_merge_equals_full_softmax(parts: int) -> None:
     torch.testing.assert_close(out, full_out)
     torch.testing.assert_close(lse.double(), full_lse, atol=1e-6, rtol=1e-6)
     out2, lse2 = merge_partials(pieces)
+    torch.testing.assert_close(lse2.double(), full_lse, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out2, full_out)
     if parts == 2:
         out3, _ = merge_state_pair(pieces[0][0], pieces[0][1], pieces[1][0], pieces[1][1])

@@ -39,16 +39,22 @@ def _create(
     return cls(config, kv_cache, num_q_heads, backend=backend)
 
 
-def create_prefill_wrapper(num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object) -> BatchDCPPrefillWrapper:
+def create_prefill_wrapper(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object
+) -> BatchDCPPrefillWrapper:
     """Options: num_layers, config, kv_cache, dtype, device, backend (see `_create`)."""
     return _create(BatchDCPPrefillWrapper, num_q_heads, num_kv_heads, head_dim, **options)  # type: ignore[arg-type]
 
 
-def create_decode_wrapper(num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object) -> BatchDCPDecodeWrapper:
+def create_decode_wrapper(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object
+) -> BatchDCPDecodeWrapper:
     """Options: num_layers, config, kv_cache, dtype, device, backend (see `_create`)."""
     return _create(BatchDCPDecodeWrapper, num_q_heads, num_kv_heads, head_dim, **options)  # type: ignore[arg-type]
 
 
-def create_unified_wrapper(num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object) -> UnifiedBatchWrapper:
+def create_unified_wrapper(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, **options: object
+) -> UnifiedBatchWrapper:
     """Options: num_layers, config, kv_cache, dtype, device, backend (see `_create`)."""
     return _create(UnifiedBatchWrapper, num_q_heads, num_kv_heads, head_dim, **options)  # type: ignore[arg-type]

@@ -35,6 +35,15 @@ def block_runs(block_ids: Sequence[int], num_tokens: int, block_size: int) -> tu
     return tuple(runs)
 
 
+def check_batch_limits(num_requests: int, num_tokens: int, config: DCPPlanConfig) -> None:
+    if num_requests == 0:
+        raise PlanError("cannot plan an empty batch")
+    if num_requests > config.max_batch_size:
+        raise PlanError(f"batch has {num_requests} requests; max_batch_size is {config.max_batch_size}")
+    if num_tokens > config.max_tokens_per_batch:
+        raise PlanError(f"batch has {num_tokens} new tokens; max_tokens_per_batch is {config.max_tokens_per_batch}")
+
+
 def _validate_metadata(requests: Sequence[BatchRequest], metadata: BatchMetadata) -> None:
     derived = BatchMetadata.from_requests(requests)
     for name in ("request_ids", "query_lens", "context_lens", "seq_lens", "query_start_loc"):
@@ -53,10 +62,7 @@ def build_plan(
     phase: BatchPhase,
 ) -> ExecutionPlan:
     """Validate a batch and build this DCP rank's plan for it. Raises PlanError naming the problem."""
-    if not requests:
-        raise PlanError("cannot plan an empty batch")
-    if len(requests) > config.max_batch_size:
-        raise PlanError(f"batch has {len(requests)} requests; max_batch_size is {config.max_batch_size}")
+    check_batch_limits(len(requests), 0, config)
     seen: set[str] = set()
     for req in requests:
         req.validate()
@@ -67,10 +73,7 @@ def build_plan(
         metadata = BatchMetadata.from_requests(requests)
     else:
         _validate_metadata(requests, metadata)
-    if metadata.num_tokens > config.max_tokens_per_batch:
-        raise PlanError(
-            f"batch has {metadata.num_tokens} new tokens; max_tokens_per_batch is {config.max_tokens_per_batch}"
-        )
+    check_batch_limits(len(requests), metadata.num_tokens, config)
 
     n, rank, inter, bs = config.dcp_size, config.dcp_rank, config.interleave_size, config.block_size
     local_ctx = [local_length(c, rank, n, inter) for c in metadata.context_lens]

@@ -28,7 +28,7 @@ import torch
 
 from dcpd.attention.merge import merge_partials
 from dcpd.attention.ops import attend, resolve_backend
-from dcpd.attention.planner import build_plan
+from dcpd.attention.planner import build_plan, check_batch_limits
 from dcpd.batch import BatchMetadata, BatchPhase, BatchRequest, DCPPlanConfig, ExecutionPlan, PlanError
 from dcpd.kv.cache import PagedKVCache
 
@@ -85,8 +85,8 @@ class BatchExecutor(ABC):
         self._stats["tokens"] += plan.num_tokens
         return plan
 
-    def _check_plan(self, requests: Sequence[BatchRequest], plan: ExecutionPlan) -> None:
-        """Wrapper-specific restrictions on a batch."""
+    def _check_plan(self, requests: Sequence[BatchRequest], plan: ExecutionPlan) -> None:  # noqa: B027
+        """Wrapper-specific restrictions on a batch (none by default)."""
 
     # -- running ----------------------------------------------------------------------------
     @abstractmethod
@@ -122,7 +122,9 @@ class BatchExecutor(ABC):
         }
         for name, tensor in (("q", q), ("k", k), ("v", v)):
             if tuple(tensor.shape) != expected[name]:
-                raise PlanError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} (tokens, heads, dim)")
+                raise PlanError(
+                    f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} (tokens, heads, dim)"
+                )
             if tensor.dtype != cache.dtype:
                 raise PlanError(f"{name} dtype {tensor.dtype} does not match the KV cache dtype {cache.dtype}")
             if tensor.device != cache.device:
@@ -136,9 +138,7 @@ class BatchExecutor(ABC):
         slots[0].index_copy_(1, plan.write_slots, k.transpose(0, 1))
         slots[1].index_copy_(1, plan.write_slots, v.transpose(0, 1))
 
-    def _attend_runs(
-        self, layer: int, q: torch.Tensor, runs: tuple[tuple[int, int], ...], partials: list
-    ) -> None:
+    def _attend_runs(self, layer: int, q: torch.Tensor, runs: tuple[tuple[int, int], ...], partials: list) -> None:
         """Append the partial attention of q [Hq, Lq, D] over the cached runs of one request."""
         if not runs:
             return
@@ -302,14 +302,9 @@ class UnifiedBatchWrapper:
         self._stats = {"plans": 0, "runs": 0, "requests": 0, "tokens": 0, "mixed_plans": 0}
 
     def plan(self, requests: Sequence[BatchRequest], metadata: BatchMetadata | None = None) -> MixedPlan:
-        if not requests:
-            raise PlanError("cannot plan an empty batch")
         if metadata is None:
             metadata = BatchMetadata.from_requests(requests)
-        if metadata.num_tokens > self.config.max_tokens_per_batch:
-            raise PlanError(
-                f"batch has {metadata.num_tokens} new tokens; max_tokens_per_batch is {self.config.max_tokens_per_batch}"
-            )
+        check_batch_limits(len(requests), metadata.num_tokens, self.config)
         decode_idx = [i for i, r in enumerate(requests) if r.phase is BatchPhase.DECODE and r.query_len == 1]
         decode_set = set(decode_idx)
         prefill_idx = [i for i in range(len(requests)) if i not in decode_set]
@@ -354,7 +349,12 @@ class UnifiedBatchWrapper:
         for sub_plan, index in plan.parts:
             wrapper = self.prefill if sub_plan.phase is BatchPhase.PREFILL else self.decode
             sub_out, sub_lse = wrapper.run(
-                sub_plan, layer, q.index_select(0, index), k.index_select(0, index), v.index_select(0, index), return_lse=True
+                sub_plan,
+                layer,
+                q.index_select(0, index),
+                k.index_select(0, index),
+                v.index_select(0, index),
+                return_lse=True,
             )
             out.index_copy_(0, index, sub_out)
             lse.index_copy_(0, index, sub_lse)

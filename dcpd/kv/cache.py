@@ -135,7 +135,9 @@ class PagedKVCache:
         out.copy_(src.index_select(3, index), non_blocking=True)
         return out
 
-    def scatter(self, block_ids: Sequence[int] | torch.Tensor, data: torch.Tensor, *, layers: slice = slice(None)) -> None:
+    def scatter(
+        self, block_ids: Sequence[int] | torch.Tensor, data: torch.Tensor, *, layers: slice = slice(None)
+    ) -> None:
         """Write a buffer shaped like `gather`'s result into the given blocks."""
         index = self._block_index(block_ids)
         dst = self.kv[layers]
