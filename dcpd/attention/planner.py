@@ -44,7 +44,7 @@ def check_batch_limits(num_requests: int, num_tokens: int, config: DCPPlanConfig
         raise PlanError(f"batch has {num_tokens} new tokens; max_tokens_per_batch is {config.max_tokens_per_batch}")
 
 
-def _validate_metadata(requests: Sequence[BatchRequest], metadata: BatchMetadata) -> None:
+def validate_metadata(requests: Sequence[BatchRequest], metadata: BatchMetadata) -> None:
     derived = BatchMetadata.from_requests(requests)
     for name in ("request_ids", "query_lens", "context_lens", "seq_lens", "query_start_loc"):
         given, expected = getattr(metadata, name), getattr(derived, name)
@@ -72,7 +72,7 @@ def build_plan(
     if metadata is None:
         metadata = BatchMetadata.from_requests(requests)
     else:
-        _validate_metadata(requests, metadata)
+        validate_metadata(requests, metadata)
     check_batch_limits(len(requests), metadata.num_tokens, config)
 
     n, rank, inter, bs = config.dcp_size, config.dcp_rank, config.interleave_size, config.block_size

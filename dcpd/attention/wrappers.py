@@ -28,7 +28,7 @@ import torch
 
 from dcpd.attention.merge import merge_partials
 from dcpd.attention.ops import attend, resolve_backend
-from dcpd.attention.planner import build_plan, check_batch_limits
+from dcpd.attention.planner import build_plan, check_batch_limits, validate_metadata
 from dcpd.batch import BatchMetadata, BatchPhase, BatchRequest, DCPPlanConfig, ExecutionPlan, PlanError
 from dcpd.kv.cache import PagedKVCache
 
@@ -304,6 +304,8 @@ class UnifiedBatchWrapper:
     def plan(self, requests: Sequence[BatchRequest], metadata: BatchMetadata | None = None) -> MixedPlan:
         if metadata is None:
             metadata = BatchMetadata.from_requests(requests)
+        else:
+            validate_metadata(requests, metadata)
         check_batch_limits(len(requests), metadata.num_tokens, self.config)
         decode_idx = [i for i, r in enumerate(requests) if r.phase is BatchPhase.DECODE and r.query_len == 1]
         decode_set = set(decode_idx)
