@@ -1,8 +1,8 @@
-"""Test harness: an independent float64 reference and a simulated DCP group in one process.
+"""Test harness: an independent float64 reference and random requests on a simulated DCP group.
 
-Each simulated rank has its own KV cache, block pool and wrappers. Requests get
-random float64 q/k/v for every position; a step computes some new tokens of
-each request on every rank, merges the rank partials with an AllReduceStrategy's
+Requests get random float64 q/k/v for every position; a step computes some new
+tokens of each request on every rank of a `LocalDCPGroup` (own KV cache, block
+pool and wrappers per rank), merges the partials with an AllReduceStrategy's
 reference math, and is compared with naive softmax attention over the full,
 unsharded sequence.
 """
@@ -10,13 +10,12 @@ unsharded sequence.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from dcpd.attention import BatchDCPDecodeWrapper, BatchDCPPrefillWrapper, UnifiedBatchWrapper, reduce_reference
-from dcpd.batch import AllReduceStrategy, BatchRequest, DCPPlanConfig
-from dcpd.kv import PagedKVCache
+from dcpd.attention.local_group import LocalDCPGroup, StepRequest
+from dcpd.batch import AllReduceStrategy, DCPPlanConfig
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
@@ -45,15 +44,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 @dataclass
-class SimRank:
-    cache: PagedKVCache
-    prefill: BatchDCPPrefillWrapper
-    decode: BatchDCPDecodeWrapper
-    unified: UnifiedBatchWrapper
-    block_tables: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
 class SimRequest:
     rid: str
     q: torch.Tensor  # [total, Hq, D] float64, query of every position
@@ -64,6 +54,8 @@ class SimRequest:
 
 
 class DCPSim:
+    """Random requests on a `LocalDCPGroup`, checked against `naive_attention`."""
+
     def __init__(
         self,
         *,
@@ -84,34 +76,33 @@ class DCPSim:
     ) -> None:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        self.dtype, self.strategy = dtype, strategy
-        self.dcp_size, self.interleave, self.block_size = dcp_size, interleave, block_size
+        self.dtype = dtype
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.requests: dict[str, SimRequest] = {}
-        self.ranks: list[SimRank] = []
-        for rank in range(dcp_size):
-            config = DCPPlanConfig(
-                block_size=block_size,
-                dcp_size=dcp_size,
-                dcp_rank=rank,
-                interleave_size=interleave,
-                all_reduce_strategy=strategy,
-                max_tokens_per_batch=max_tokens_per_batch,
-            )
-            cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-            if fragment:  # shuffle the free list so that requests get scattered blocks
-                ids = cache.pool.allocate(num_blocks)
+        config = DCPPlanConfig(
+            block_size=block_size,
+            dcp_size=dcp_size,
+            interleave_size=interleave,
+            all_reduce_strategy=strategy,
+            max_tokens_per_batch=max_tokens_per_batch,
+        )
+        self.group = LocalDCPGroup(
+            config,
+            num_layers=num_layers,
+            num_blocks=num_blocks,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            backend=backend,
+        )
+        self.ranks = self.group.ranks
+        if fragment:  # shuffle each free list so that requests get scattered blocks
+            for rank in self.ranks:
+                ids = rank.cache.pool.allocate(num_blocks)
                 self.rng.shuffle(ids)
-                cache.pool.free(ids)
-            self.ranks.append(
-                SimRank(
-                    cache,
-                    BatchDCPPrefillWrapper(config, cache, num_q_heads, backend=backend),
-                    BatchDCPDecodeWrapper(config, cache, num_q_heads, backend=backend),
-                    UnifiedBatchWrapper(config, cache, num_q_heads, backend=backend),
-                )
-            )
+                rank.cache.pool.free(ids)
 
     def add(self, rid: str, total: int, num_prompt: int | None = None) -> None:
         def rand(heads: int) -> torch.Tensor:
@@ -119,56 +110,29 @@ class DCPSim:
 
         self.requests[rid] = SimRequest(rid, rand(self.hq), rand(self.hkv), rand(self.hkv), num_prompt or total)
 
-    def local_count(self, length: int, rank: int) -> int:
-        """Independent recount of a rank's share: tokens p < length with (p // I) % N == rank."""
-        return sum(1 for p in range(length) if (p // self.interleave) % self.dcp_size == rank)
-
-    def _ensure_blocks(self, rank: SimRank, rid: str, length: int) -> list[int]:
-        table = rank.block_tables.setdefault(rid, [])
-        need = -(-self.local_count(length, self.ranks.index(rank)) // self.block_size) - len(table)
-        if need > 0:
-            table.extend(rank.cache.pool.allocate(need, after=table[-1] if table else None))
-        return table
-
     def step(self, chunks: dict[str, int], wrapper: str, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Compute `chunks[rid]` new tokens per request on every rank; return merged out, lse and references."""
-        rank_partials = []
-        for rank in self.ranks:
-            batch = []
-            for rid, n in chunks.items():
-                req = self.requests[rid]
-                table = self._ensure_blocks(rank, rid, req.computed + n)
-                batch.append(
-                    BatchRequest(
-                        request_id=rid,
-                        token_ids=list(range(req.q.shape[0])),
-                        num_prompt_tokens=req.num_prompt,
-                        num_computed_tokens=req.computed,
-                        num_new_tokens=n,
-                        block_ids=list(table),
-                    )
-                )
-            executor = getattr(rank, wrapper)
-            plan = executor.plan(batch)
-            q, k, v = self._inputs(chunks)
-            rank_partials.append(executor.run(plan, layer, q, k, v, return_lse=True))
-        merged = reduce_reference(self.strategy, rank_partials)[0]
+        """Compute `chunks[rid]` new tokens per request on all ranks; return rank 0's out, lse and references."""
+        step = [
+            StepRequest(
+                rid,
+                list(range(self.requests[rid].q.shape[0])),
+                self.requests[rid].num_prompt,
+                self.requests[rid].computed,
+                n,
+            )
+            for rid, n in chunks.items()
+        ]
+        q, k, v = self._inputs(chunks)
+        out, lse = self.group.forward(step, layer, q, k, v, wrapper=wrapper)[0]  # type: ignore[arg-type]
         refs = []
         for rid, n in chunks.items():
             req = self.requests[rid]
             positions = list(range(req.computed, req.computed + n))
             seq = req.computed + n
-            refs.append(
-                naive_attention(
-                    self._round(req.q[positions]),
-                    self._round(req.k[:seq]),
-                    self._round(req.v[:seq]),
-                    positions,
-                    self.scale,
-                )
-            )
+            q_ref, k_ref, v_ref = (self._round(t) for t in (req.q[positions], req.k[:seq], req.v[:seq]))
+            refs.append(naive_attention(q_ref, k_ref, v_ref, positions, self.scale))
             req.computed += n
-        return merged[0], merged[1], refs
+        return out, lse, refs
 
     def _round(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype).double()
@@ -192,7 +156,5 @@ class DCPSim:
         torch.testing.assert_close(lse.double(), ref_lse, atol=tol * 4, rtol=tol)
 
     def free_all(self) -> None:
-        for rank in self.ranks:
-            for table in rank.block_tables.values():
-                rank.cache.pool.free(table)
-            rank.block_tables.clear()
+        for rid in self.requests:
+            self.group.free(rid)
