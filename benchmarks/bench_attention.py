@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -45,11 +44,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
 def decode_case(num_q_heads: int, num_kv_heads: int, repeats: int, fragmented: bool) -> dict[str, float]:
     batch, context = 32, 2048
     blocks_per_req = context // BLOCK
-    cache = PagedKVCache(1, batch * blocks_per_req + 8, BLOCK, num_kv_heads, HEAD_DIM)
-    if fragmented:  # a long-running pool: free blocks in random order
-        ids = cache.pool.allocate(cache.num_blocks)
-        random.Random(0).shuffle(ids)
-        cache.pool.free(ids)
+    num_blocks = batch * blocks_per_req * (2 if fragmented else 1) + 8
+    cache = PagedKVCache(1, num_blocks, BLOCK, num_kv_heads, HEAD_DIM)
+    if fragmented:  # worst case: every other block pinned, so no request gets two consecutive ids
+        cache.pool.free([b for b in cache.pool.allocate(num_blocks) if b % 2 == 0])
     cache.kv.normal_()
     config = DCPPlanConfig(block_size=BLOCK)
     wrapper = BatchDCPDecodeWrapper(config, cache, num_q_heads)

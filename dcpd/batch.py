@@ -175,8 +175,12 @@ class DCPPlanConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
             _check(value >= 1, name, value, "must be >= 1")
+        reserve = self.kv_reserve_fraction
         _check(
-            0.0 <= self.kv_reserve_fraction < 1.0, "kv_reserve_fraction", self.kv_reserve_fraction, "must be in [0, 1)"
+            isinstance(reserve, (int, float)) and not isinstance(reserve, bool) and 0.0 <= reserve < 1.0,
+            "kv_reserve_fraction",
+            reserve,
+            "must be a number in [0, 1)",
         )
         _check(
             isinstance(self.dcp_rank, int) and 0 <= self.dcp_rank < self.dcp_size,

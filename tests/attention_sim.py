@@ -98,11 +98,11 @@ class DCPSim:
             backend=backend,
         )
         self.ranks = self.group.ranks
-        if fragment:  # shuffle each free list so that requests get scattered blocks
+        if fragment:  # pin a random 40% of each pool so that requests get scattered blocks
             for rank in self.ranks:
                 ids = rank.cache.pool.allocate(num_blocks)
                 self.rng.shuffle(ids)
-                rank.cache.pool.free(ids)
+                rank.cache.pool.free(ids[: num_blocks * 6 // 10])
 
     def add(self, rid: str, total: int, num_prompt: int | None = None) -> None:
         def rand(heads: int) -> torch.Tensor:
@@ -156,5 +156,6 @@ class DCPSim:
         torch.testing.assert_close(lse.double(), ref_lse, atol=tol * 4, rtol=tol)
 
     def free_all(self) -> None:
+        """Free every request's blocks; returns the pools to their state before any request."""
         for rid in self.requests:
             self.group.free(rid)

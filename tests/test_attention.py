@@ -82,6 +82,23 @@ def test_chunked_prefill_then_decode_over_many_steps(backend: str) -> None:
     sim.check(*sim.step({"short": 20}, "prefill"))
     for _ in range(10):
         sim.check(*sim.step({"long": 1, "short": 1}, "decode"))
+    # the fragmented pool really split the long request: the workspace path ran
+    assert sim.ranks[0].decode.get_stats()["gathered_requests"] > 0
+
+
+@pytest.mark.parametrize("wrapper", ["prefill", "decode"])
+def test_checkerboard_pool_mixes_views_and_workspace(wrapper: str) -> None:
+    """Isolated free blocks go through the workspace while a long run stays a zero-copy view."""
+    sim = DCPSim(num_blocks=96, block_size=8, seed=13)
+    pool = sim.ranks[0].cache.pool
+    pool.allocate(96)
+    pool.free([*range(0, 40, 2), *range(48, 68)])  # 20 isolated free blocks and one run of 20
+    sim.add("a", 320, num_prompt=319 if wrapper == "decode" else 320)
+    sim.check(*sim.step({"a": 160}, "prefill"))  # first-fit: the run 48..67
+    sim.check(*sim.step({"a": 159}, "prefill"))  # no run fits: 20 isolated blocks
+    assert sim.ranks[0].block_tables["a"][:20] == list(range(48, 68))
+    sim.check(*sim.step({"a": 1}, wrapper))  # 21 runs: one long view + one workspace call
+    assert getattr(sim.ranks[0], wrapper).get_stats()["gathered_requests"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -76,6 +76,18 @@ def test_refcounts_keep_shared_blocks_alive() -> None:
         pool.incref(blocks)
 
 
+def test_allocation_seeks_consecutive_ids() -> None:
+    pool = BlockPool(12)
+    assert pool.allocate(3) == [0, 1, 2]
+    pool.free([1])
+    assert pool.allocate(2) == [3, 4]  # first free run that fits, not the hole at 1
+    assert pool.allocate(1) == [1]
+    held = pool.allocate(7)  # 5..11
+    pool.free([held[0], held[2], held[3], held[5], held[6]])  # free runs: [5], [7, 8], [10, 11]
+    got = pool.allocate(4)
+    assert sorted(got[:2]) in ([7, 8], [10, 11]) and len(set(got)) == 4  # longest runs first
+
+
 def test_allocation_extends_runs_when_it_can() -> None:
     pool = BlockPool(16)
     first = pool.allocate(2)

@@ -30,6 +30,7 @@ def req(rid: str = "a", total: int = 20, computed: int = 0, new: int | None = No
         ("block_size", 1.5, "block_size=1.5: must be an integer"),
         ("kv_cache_bytes", 0, "kv_cache_bytes=0"),
         ("kv_reserve_fraction", 1.0, "kv_reserve_fraction=1.0"),
+        ("kv_reserve_fraction", "5%", "kv_reserve_fraction='5%': must be a number"),
         ("dcp_size", 0, "dcp_size=0"),
         ("dcp_rank", 2, "dcp_rank=2: must be in \\[0, dcp_size=1\\)"),
         ("interleave_size", 3, "interleave_size=3: must be a positive divisor of block_size=16"),

@@ -32,9 +32,10 @@ from dcpd.attention.planner import build_plan, check_batch_limits, validate_meta
 from dcpd.batch import BatchMetadata, BatchPhase, BatchRequest, DCPPlanConfig, ExecutionPlan, PlanError
 from dcpd.kv.cache import PagedKVCache
 
-# A request whose KV is split into more runs than this is gathered into a
-# contiguous workspace first (one kernel call) instead of one call per run.
+# A request whose KV is split into more runs than this has its short runs
+# (fewer than LONG_RUN_BLOCKS blocks) gathered into a workspace for one call.
 MAX_RUNS_BEFORE_GATHER = 4
+LONG_RUN_BLOCKS = 16
 
 AttentionOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -139,17 +140,23 @@ class BatchExecutor(ABC):
         slots[1].index_copy_(1, plan.write_slots, v.transpose(0, 1))
 
     def _attend_runs(self, layer: int, q: torch.Tensor, runs: tuple[tuple[int, int], ...], partials: list) -> None:
-        """Append the partial attention of q [Hq, Lq, D] over the cached runs of one request."""
+        """Append the partial attention of q [Hq, Lq, D] over the cached runs of one request.
+
+        Up to MAX_RUNS_BEFORE_GATHER runs: one kernel call per run on a zero-copy view.
+        More: runs of at least LONG_RUN_BLOCKS blocks stay views; the short ones are
+        copied together into a workspace and attended in one call. Any grouping is
+        exact, since the partials merge by LSE.
+        """
         if not runs:
             return
-        cache = self.kv_cache
-        slots = cache.layer_slots(layer)
-        bs = cache.block_size
+        slots = self.kv_cache.layer_slots(layer)
+        bs = self.kv_cache.block_size
         if len(runs) > MAX_RUNS_BEFORE_GATHER:
-            k, v = self._gather_runs(layer, runs)
+            short = tuple(run for run in runs if run[1] < LONG_RUN_BLOCKS * bs)
+            runs = tuple(run for run in runs if run[1] >= LONG_RUN_BLOCKS * bs)
+            k, v = self._gather_runs(layer, short)
             partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
             self._stats["gathered_requests"] += 1
-            return
         for first_block, num_tokens in runs:
             start = first_block * bs
             k = slots[0, :, start : start + num_tokens]
@@ -157,11 +164,15 @@ class BatchExecutor(ABC):
             partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
 
     def _gather_runs(self, layer: int, runs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy fragmented runs into a reused contiguous workspace: k, v as [Hkv, L, D] views."""
+        """Copy runs into a reused contiguous workspace: k, v as [Hkv, L, D] views.
+
+        Every run but the last of a request is whole blocks, so the tokens are the
+        runs' blocks in order, truncated to the runs' total token count.
+        """
         cache = self.kv_cache
         bs = cache.block_size
         blocks = [b for first, tokens in runs for b in range(first, first + -(-tokens // bs))]
-        num_tokens = (len(blocks) - 1) * bs + (runs[-1][1] - (-(-runs[-1][1] // bs) - 1) * bs)
+        num_tokens = sum(tokens for _, tokens in runs)
         shape = (2, cache.num_kv_heads, len(blocks), bs, cache.head_dim)
         need = math.prod(shape)
         if self._workspace is None or self._workspace.numel() < need:

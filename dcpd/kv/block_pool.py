@@ -1,16 +1,19 @@
 """Block pool: fixed-size KV blocks handed out by id, with reference counts and a reserve.
 
 The pool only does bookkeeping; the bytes live in `PagedKVCache`. Allocation
-prefers to extend a request's last block with the next id, so a request's
-blocks tend to form long runs of consecutive ids, which attention reads as
-zero-copy views.
+seeks consecutive ids: a request growing by a block first tries the id after
+its last block, and a multi-block allocation takes the first run of free ids
+long enough to hold it (else the longest runs available). Attention reads a
+run of consecutive blocks as one zero-copy view.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class KVCacheExhausted(RuntimeError):
@@ -53,22 +56,23 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.reserve_blocks = reserve_blocks
         self._refcounts = [0] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._is_free = np.ones(num_blocks, dtype=np.bool_)
+        self._num_free = num_blocks
         self._num_allocations = 0
         self._num_frees = 0
         self._num_refused = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
     def available(self, *, use_reserve: bool = False) -> int:
         """Blocks an allocation may take now (the reserve is only for `use_reserve=True`)."""
-        return len(self._free) - (0 if use_reserve else self.reserve_blocks)
+        return self._num_free - (0 if use_reserve else self.reserve_blocks)
 
     def can_allocate(self, n: int, *, use_reserve: bool = False) -> bool:
         return n <= self.available(use_reserve=use_reserve)
@@ -86,16 +90,34 @@ class BlockPool:
         blocks: list[int] = []
         if after is not None:
             nxt = after + 1
-            while len(blocks) < n and nxt < self.num_blocks and nxt in self._free:
-                del self._free[nxt]
+            while len(blocks) < n and nxt < self.num_blocks and self._is_free[nxt]:
                 blocks.append(nxt)
                 nxt += 1
-        while len(blocks) < n:
-            block, _ = self._free.popitem(last=False)
-            blocks.append(block)
+        if len(blocks) < n:
+            self._is_free[blocks] = False
+            blocks += self._take_runs(n - len(blocks))
+        self._is_free[blocks] = False
         for block in blocks:
             self._refcounts[block] = 1
+        self._num_free -= n
         self._num_allocations += n
+        return blocks
+
+    def _take_runs(self, n: int) -> list[int]:
+        """n free ids: the first free run that fits, else the longest runs first (fewest pieces)."""
+        edges = np.diff(np.concatenate(([0], self._is_free.view(np.int8), [0])))
+        starts = np.flatnonzero(edges == 1)
+        lengths = np.flatnonzero(edges == -1) - starts
+        fits = np.flatnonzero(lengths >= n)
+        if fits.size:
+            start = int(starts[fits[0]])
+            return list(range(start, start + n))
+        blocks: list[int] = []
+        for i in np.argsort(-lengths, kind="stable"):
+            take = min(int(lengths[i]), n - len(blocks))
+            blocks.extend(range(int(starts[i]), int(starts[i]) + take))
+            if len(blocks) == n:
+                break
         return blocks
 
     def incref(self, block_ids: Iterable[int]) -> None:
@@ -116,7 +138,8 @@ class BlockPool:
         for block in ids:
             self._refcounts[block] -= 1
             if self._refcounts[block] == 0:
-                self._free[block] = None
+                self._is_free[block] = True
+                self._num_free += 1
         self._num_frees += len(ids)
 
     def refcount(self, block: int) -> int:
