@@ -1,0 +1,200 @@
+"""The offline engine: `step()` = schedule -> run (plan once, model, sample) -> postprocess.
+
+No sockets: `dcpd run` and the tests drive it directly; the daemon wraps it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from dcpd.batch import DCPPlanConfig
+from dcpd.engine.block_manager import BlockManager
+from dcpd.engine.model_runner import ModelRunner
+from dcpd.engine.request import FinishReason, Request, RequestError, RequestStatus, SamplingParams
+from dcpd.engine.scheduler import Scheduler, SchedulerOutput
+from dcpd.kv.cache import PagedKVCache
+from dcpd.model.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for a request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_preemptions: int
+    ttft_s: float | None
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, plan_config: DCPPlanConfig | None = None, *, seed: int = 0) -> None:
+        self.loaded = loaded
+        config = loaded.config
+        self.plan_config = plan_config or DCPPlanConfig()
+        if self.plan_config.dcp_size != 1:
+            raise ValueError("LLMEngine runs one DCP rank; dcp_size > 1 needs the distributed runner")
+        device = next(loaded.model.parameters()).device
+        dtype = next(loaded.model.parameters()).dtype
+        self.kv_cache = PagedKVCache.from_config(
+            self.plan_config,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.block_manager = BlockManager(self.kv_cache.pool, self.plan_config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_batch_size=self.plan_config.max_batch_size,
+            max_tokens_per_batch=self.plan_config.max_tokens_per_batch,
+        )
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.plan_config, seed=seed)
+        self.requests: dict[str, Request] = {}
+        self.max_model_len = config.max_position_embeddings
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queue a request; raises RequestError (and queues nothing) for invalid input."""
+        params.validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise RequestError("prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        if not self.block_manager.fits_at_all(total):
+            raise RequestError(
+                f"prompt + max_tokens = {total} tokens needs {self.block_manager.blocks_for(total)} KV blocks; "
+                f"the cache has {self.kv_cache.num_blocks}"
+            )
+        request = Request(request_id, prompt, params)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a queued or running request; its blocks return to the pool. False if unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
+        self.scheduler.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.error = error
+        request.finish_time = time.monotonic()
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        self.num_steps += 1
+        try:
+            sampled = self.runner.execute(scheduled)
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            outputs = []
+            for s in scheduled.scheduled:
+                self._finish(s.request, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                outputs.append(RequestOutput(s.request.request_id, [], True, FinishReason.ERROR, s.request.error))
+            return outputs
+        return self._postprocess(scheduled, sampled)
+
+    def _postprocess(self, scheduled: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for s in scheduled.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            token = sampled.get(req.request_id)
+            if token is None:  # a prefill chunk that did not reach the end
+                continue
+            req.token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(RequestOutput(req.request_id, [token], reason is not None, reason))
+        return outputs
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        if token in req.params.stop_token_ids:
+            return FinishReason.STOP
+        if not req.params.ignore_eos and token in self.loaded.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_token_ids) >= req.params.max_tokens or len(req.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- offline convenience ----------------------------------------------------------------------
+    def generate(
+        self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run every prompt concurrently to completion; results in input order."""
+        prompts = [list(p) for p in prompts]
+        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, all_params, strict=True)]
+        while self.has_unfinished():
+            self.step()
+        return [self.result(rid) for rid in ids]
+
+    def result(self, request_id: str) -> GenerationResult:
+        req = self.requests[request_id]
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+        return GenerationResult(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            token_ids=list(req.output_token_ids),
+            text=self.loaded.tokenizer.decode(req.output_token_ids),
+            finish_reason=req.finish_reason.value if req.finish_reason else "running",
+            num_preemptions=req.num_preemptions,
+            ttft_s=ttft,
+        )
+
+    def stats(self) -> dict[str, object]:
+        pool = self.kv_cache.pool.stats()
+        return {
+            "steps": self.num_steps,
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_free": pool.num_free,
+            "attention": self.runner.attention.get_stats(),
+        }
