@@ -183,13 +183,16 @@ class DCPPlanConfig:
             "must be a number in [0, 1)",
         )
         _check(
-            isinstance(self.dcp_rank, int) and 0 <= self.dcp_rank < self.dcp_size,
+            isinstance(self.dcp_rank, int)
+            and not isinstance(self.dcp_rank, bool)
+            and 0 <= self.dcp_rank < self.dcp_size,
             "dcp_rank",
             self.dcp_rank,
             f"must be in [0, dcp_size={self.dcp_size})",
         )
         _check(
             isinstance(self.interleave_size, int)
+            and not isinstance(self.interleave_size, bool)
             and self.interleave_size >= 1
             and self.block_size % self.interleave_size == 0,
             "interleave_size",

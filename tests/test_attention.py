@@ -101,6 +101,30 @@ def test_checkerboard_pool_mixes_views_and_workspace(wrapper: str) -> None:
     assert getattr(sim.ranks[0], wrapper).get_stats()["gathered_requests"] == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_long_runs_need_no_workspace(backend: str) -> None:
+    """Five runs of 16+ blocks each: every run is a view; nothing is gathered (and no empty kernel call)."""
+    sim = DCPSim(num_blocks=90, block_size=1, backend=backend, seed=17)
+    pool = sim.ranks[0].cache.pool
+    pool.allocate(90)
+    pool.free([b for r in range(5) for b in range(r * 18, r * 18 + 17)])  # five free runs of 17
+    sim.add("a", 81, num_prompt=80)
+    for _ in range(5):
+        sim.check(*sim.step({"a": 16}, "prefill"))  # each chunk takes the first run that fits
+    sim.check(*sim.step({"a": 1}, "decode"))
+    assert len({b // 18 for b in sim.ranks[0].block_tables["a"]}) == 5
+    assert sim.ranks[0].decode.get_stats()["gathered_requests"] == 0
+
+
+def test_attend_with_no_keys_is_empty_not_a_crash() -> None:
+    from dcpd.attention.ops import attend
+
+    for backend in BACKENDS:
+        out, lse = attend(torch.randn(2, 1, 8), torch.randn(2, 0, 8), torch.randn(2, 0, 8), causal=False, scale=1.0,
+                          backend=backend)  # fmt: skip
+        assert torch.equal(out, torch.zeros(2, 1, 8)) and torch.isneginf(lse).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unified_mixed_batch_in_request_order(dtype: torch.dtype) -> None:
     sim = DCPSim(num_q_heads=8, num_kv_heads=2, dtype=dtype, fragment=True, seed=9)

@@ -61,6 +61,10 @@ def test_double_free_and_unknown_ids_are_errors_and_change_nothing() -> None:
         pool.free([blocks[1]])
     with pytest.raises(BlockPoolError, match="negative"):
         pool.allocate(-1)
+    with pytest.raises(BlockPoolError, match=r"allocate\(after=\.\.\.\): unknown block id -3"):
+        pool.allocate(2, after=-3)
+    assert pool.num_used == 0
+    assert pool.allocate(0) == []
 
 
 def test_refcounts_keep_shared_blocks_alive() -> None:
@@ -160,5 +164,7 @@ def test_gather_scatter_errors_name_the_problem() -> None:
         cache.scatter([0, 1], torch.zeros(1, 2, 1, 1, 4, 8))
     with pytest.raises(ValueError, match="dtype"):
         cache.scatter([0], torch.zeros(1, 2, 1, 1, 4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="block ids must be integers"):
+        cache.gather([1.7])
     with pytest.raises(ValueError, match="num_blocks=0"):
         PagedKVCache(1, 0, 4, 1, 8)

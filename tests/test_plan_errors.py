@@ -34,6 +34,8 @@ def req(rid: str = "a", total: int = 20, computed: int = 0, new: int | None = No
         ("dcp_size", 0, "dcp_size=0"),
         ("dcp_rank", 2, "dcp_rank=2: must be in \\[0, dcp_size=1\\)"),
         ("interleave_size", 3, "interleave_size=3: must be a positive divisor of block_size=16"),
+        ("interleave_size", True, "interleave_size=True"),
+        ("dcp_rank", True, "dcp_rank=True"),
         ("all_reduce_strategy", "sum", "all_reduce_strategy='sum'"),
     ],
 )
@@ -63,7 +65,11 @@ def prefill():
         ([req("a", total=40, blocks=[0, 1, 2]), req("b", total=40, blocks=[3, 4, 5])], "80 new tokens; max_tokens"),
         ([req("a"), req("a")], "'a' appears twice"),
         ([req("a", total=20, blocks=[0])], "block table has 1 blocks, needs 2 for 20 tokens"),
-        ([req("a", blocks=[0, 16])], "block id 16 outside the cache"),
+        ([req("a", blocks=[0, 16])], r"block id 16 is not a block of the cache \(0\.\.15\)"),
+        ([req("a", blocks=[0, 1.5])], "block id 1.5 is not a block"),
+        ([req("a", blocks=[True, 2])], "block id True is not a block"),
+        ([req("a", blocks=[3, 3])], "lists a block twice"),
+        ([req("a", total=8, blocks=[5]), req("b", total=8, blocks=[5])], "write into the same KV block"),
         ([req("a", computed=20)], "no new tokens"),
         ([req("a", new=30)], "computes up to token 30 but has only 20"),
         ([req("a", computed=-1)], "num_computed_tokens must be >= 0"),
@@ -117,6 +123,34 @@ def test_wrapper_construction_errors() -> None:
         create_unified_wrapper(4, 2, 8, kv_cache=cache, backend="cuda-magic")
     with pytest.raises(ValueError, match="kv_cache has 2 KV heads of dim 8, asked for 4 of dim 8"):
         create_decode_wrapper(4, 4, 8, kv_cache=cache)
+
+
+def test_unified_rejects_bad_tensors_before_writing() -> None:
+    cache = PagedKVCache(1, 16, 16, 2, 8)
+    unified = create_unified_wrapper(4, 2, 8, kv_cache=cache)
+    plan = unified.plan([req("a", total=4, blocks=[0]), req("b", total=20, computed=19, prompt=10, blocks=[1, 2])])
+    q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    for bad_k, message in ((torch.randn(9, 2, 8), r"k has shape \(9, 2, 8\)"), (torch.randn(4, 2, 8), "k has shape")):
+        with pytest.raises(PlanError, match=message):
+            unified.run(plan, 0, q, bad_k, v)
+    assert cache.kv.abs().sum() == 0  # nothing was written
+    assert unified.run(plan, 0, q, k, v).shape == (5, 4, 8)
+
+
+def test_unified_rejects_an_id_in_both_parts() -> None:
+    unified = create_unified_wrapper(4, 2, 8, kv_cache=PagedKVCache(1, 16, 16, 2, 8))
+    batch = [req("x", total=8, new=4, blocks=[0]), req("x", total=8, computed=4, new=1, prompt=4, blocks=[1])]
+    with pytest.raises(PlanError, match="'x' appears twice"):
+        unified.plan(batch)
+
+
+def test_metadata_phases_are_checked(prefill) -> None:
+    batch = [req("a", total=20, computed=19, prompt=10)]
+    meta = BatchMetadata.from_requests(batch)
+    wrong = BatchMetadata(meta.request_ids, (BatchPhase.PREFILL,), meta.query_lens, meta.context_lens,
+                          meta.seq_lens, meta.query_start_loc)  # fmt: skip
+    with pytest.raises(PlanError, match=r"BatchMetadata\.phases"):
+        prefill.plan(batch, wrong)
 
 
 def test_unified_validates_metadata_and_budget() -> None:

@@ -44,9 +44,17 @@ def check_batch_limits(num_requests: int, num_tokens: int, config: DCPPlanConfig
         raise PlanError(f"batch has {num_tokens} new tokens; max_tokens_per_batch is {config.max_tokens_per_batch}")
 
 
+def check_unique_ids(requests: Sequence[BatchRequest]) -> None:
+    seen: set[str] = set()
+    for req in requests:
+        if req.request_id in seen:
+            raise PlanError(f"request id {req.request_id!r} appears twice in the batch")
+        seen.add(req.request_id)
+
+
 def validate_metadata(requests: Sequence[BatchRequest], metadata: BatchMetadata) -> None:
     derived = BatchMetadata.from_requests(requests)
-    for name in ("request_ids", "query_lens", "context_lens", "seq_lens", "query_start_loc"):
+    for name in ("request_ids", "phases", "query_lens", "context_lens", "seq_lens", "query_start_loc"):
         given, expected = getattr(metadata, name), getattr(derived, name)
         if tuple(given) != tuple(expected):
             raise PlanError(f"BatchMetadata.{name}={list(given)} does not match the requests ({list(expected)})")
@@ -63,12 +71,9 @@ def build_plan(
 ) -> ExecutionPlan:
     """Validate a batch and build this DCP rank's plan for it. Raises PlanError naming the problem."""
     check_batch_limits(len(requests), 0, config)
-    seen: set[str] = set()
     for req in requests:
         req.validate()
-        if req.request_id in seen:
-            raise PlanError(f"request id {req.request_id!r} appears twice in the batch")
-        seen.add(req.request_id)
+    check_unique_ids(requests)
     if metadata is None:
         metadata = BatchMetadata.from_requests(requests)
     else:
@@ -87,8 +92,12 @@ def build_plan(
                 f"needs {needed} for {ls} tokens on DCP rank {rank}"
             )
         for block in req.block_ids[:needed]:
-            if not 0 <= block < num_blocks:
-                raise PlanError(f"request {req.request_id!r}: block id {block} outside the cache (0..{num_blocks - 1})")
+            if not isinstance(block, int) or isinstance(block, bool) or not 0 <= block < num_blocks:
+                raise PlanError(
+                    f"request {req.request_id!r}: block id {block!r} is not a block of the cache (0..{num_blocks - 1})"
+                )
+        if len(set(req.block_ids[:needed])) != needed:
+            raise PlanError(f"request {req.request_id!r}: its block table lists a block twice")
         runs.append(RequestRuns(context=block_runs(req.block_ids, lc, bs), sequence=block_runs(req.block_ids, ls, bs)))
 
     num_req = len(requests)
@@ -110,6 +119,8 @@ def build_plan(
     write_token_idx = torch.nonzero(mine).flatten()
     local_pos = local_index(positions[write_token_idx], n, inter)
     write_slots = block_table[token_req[write_token_idx], local_pos // bs] * bs + local_pos % bs
+    if write_slots.unique().numel() != write_slots.numel():
+        raise PlanError("two requests in the batch write into the same KV block")
     slot_mapping = torch.full((metadata.num_tokens,), -1, dtype=torch.long)
     slot_mapping[write_token_idx] = write_slots
 

@@ -28,7 +28,7 @@ import torch
 
 from dcpd.attention.merge import merge_partials
 from dcpd.attention.ops import attend, resolve_backend
-from dcpd.attention.planner import build_plan, check_batch_limits, validate_metadata
+from dcpd.attention.planner import build_plan, check_batch_limits, check_unique_ids, validate_metadata
 from dcpd.batch import BatchMetadata, BatchPhase, BatchRequest, DCPPlanConfig, ExecutionPlan, PlanError
 from dcpd.kv.cache import PagedKVCache
 
@@ -38,6 +38,32 @@ MAX_RUNS_BEFORE_GATHER = 4
 LONG_RUN_BLOCKS = 16
 
 AttentionOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def validate_qkv(
+    cache: PagedKVCache,
+    num_q_heads: int,
+    num_tokens: int,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Check run() inputs before anything is written to the cache."""
+    if not 0 <= layer < cache.num_layers:
+        raise PlanError(f"layer {layer} out of range (cache has {cache.num_layers} layers)")
+    expected = {
+        "q": (num_tokens, num_q_heads, cache.head_dim),
+        "k": (num_tokens, cache.num_kv_heads, cache.head_dim),
+        "v": (num_tokens, cache.num_kv_heads, cache.head_dim),
+    }
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tuple(tensor.shape) != expected[name]:
+            raise PlanError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} (tokens, heads, dim)")
+        if tensor.dtype != cache.dtype:
+            raise PlanError(f"{name} dtype {tensor.dtype} does not match the KV cache dtype {cache.dtype}")
+        if tensor.device != cache.device:
+            raise PlanError(f"{name} is on {tensor.device}, the KV cache on {cache.device}")
 
 
 class BatchExecutor(ABC):
@@ -111,25 +137,12 @@ class BatchExecutor(ABC):
         return {"wrapper": type(self).__name__, "backend": self.backend, **self._stats}
 
     def _validate_run(self, plan: ExecutionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        cache = self.kv_cache
-        if not 0 <= layer < cache.num_layers:
-            raise PlanError(f"layer {layer} out of range (cache has {cache.num_layers} layers)")
-        if plan.block_size != cache.block_size or plan.dcp_rank != self.config.dcp_rank:
-            raise PlanError("plan was built for a different cache or DCP rank")
-        expected = {
-            "q": (plan.num_tokens, self.num_q_heads, cache.head_dim),
-            "k": (plan.num_tokens, cache.num_kv_heads, cache.head_dim),
-            "v": (plan.num_tokens, cache.num_kv_heads, cache.head_dim),
-        }
-        for name, tensor in (("q", q), ("k", k), ("v", v)):
-            if tuple(tensor.shape) != expected[name]:
-                raise PlanError(
-                    f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} (tokens, heads, dim)"
-                )
-            if tensor.dtype != cache.dtype:
-                raise PlanError(f"{name} dtype {tensor.dtype} does not match the KV cache dtype {cache.dtype}")
-            if tensor.device != cache.device:
-                raise PlanError(f"{name} is on {tensor.device}, the KV cache on {cache.device}")
+        cfg = self.config
+        if (plan.block_size, plan.dcp_size, plan.dcp_rank, plan.interleave_size) != (
+            cfg.block_size, cfg.dcp_size, cfg.dcp_rank, cfg.interleave_size,
+        ):  # fmt: skip
+            raise PlanError("plan was built for a different block size or DCP layout")
+        validate_qkv(self.kv_cache, self.num_q_heads, plan.num_tokens, layer, q, k, v)
 
     def _write_kv(self, plan: ExecutionPlan, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self.kv_cache.layer_slots(layer)  # [2, Hkv, S, D]
@@ -151,8 +164,8 @@ class BatchExecutor(ABC):
             return
         slots = self.kv_cache.layer_slots(layer)
         bs = self.kv_cache.block_size
-        if len(runs) > MAX_RUNS_BEFORE_GATHER:
-            short = tuple(run for run in runs if run[1] < LONG_RUN_BLOCKS * bs)
+        short = tuple(run for run in runs if run[1] < LONG_RUN_BLOCKS * bs)
+        if len(runs) > MAX_RUNS_BEFORE_GATHER and len(short) > 1:
             runs = tuple(run for run in runs if run[1] >= LONG_RUN_BLOCKS * bs)
             k, v = self._gather_runs(layer, short)
             partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
@@ -318,6 +331,7 @@ class UnifiedBatchWrapper:
         else:
             validate_metadata(requests, metadata)
         check_batch_limits(len(requests), metadata.num_tokens, self.config)
+        check_unique_ids(requests)
         decode_idx = [i for i, r in enumerate(requests) if r.phase is BatchPhase.DECODE and r.query_len == 1]
         decode_set = set(decode_idx)
         prefill_idx = [i for i in range(len(requests)) if i not in decode_set]
@@ -349,8 +363,7 @@ class UnifiedBatchWrapper:
         *,
         return_lse: bool = False,
     ) -> AttentionOutput:
-        if q.shape[0] != plan.num_tokens:
-            raise PlanError(f"q has {q.shape[0]} tokens, the plan {plan.num_tokens}")
+        validate_qkv(self.kv_cache, self.prefill.num_q_heads, plan.num_tokens, layer, q, k, v)
         if len(plan.parts) == 1 and plan.parts[0][1] is None:
             sub_plan, _ = plan.parts[0]
             wrapper = self.prefill if sub_plan.phase is BatchPhase.PREFILL else self.decode

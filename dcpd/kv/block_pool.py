@@ -75,7 +75,7 @@ class BlockPool:
         return self._num_free - (0 if use_reserve else self.reserve_blocks)
 
     def can_allocate(self, n: int, *, use_reserve: bool = False) -> bool:
-        return n <= self.available(use_reserve=use_reserve)
+        return n == 0 or n <= self.available(use_reserve=use_reserve)
 
     def allocate(self, n: int, *, use_reserve: bool = False, after: int | None = None) -> list[int]:
         """Take `n` blocks (refcount 1). `after`: a block the new ones should follow if possible.
@@ -84,6 +84,8 @@ class BlockPool:
         """
         if n < 0:
             raise BlockPoolError(f"cannot allocate a negative number of blocks ({n})")
+        if after is not None:
+            self._check_id(after, "allocate(after=...)")
         if not self.can_allocate(n, use_reserve=use_reserve):
             self._num_refused += 1
             raise KVCacheExhausted(n, max(self.available(use_reserve=use_reserve), 0), self.reserve_blocks)

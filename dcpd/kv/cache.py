@@ -108,7 +108,10 @@ class PagedKVCache:
         return self.kv[layer].view(2, self.num_kv_heads, self.num_slots, self.head_dim)
 
     def _block_index(self, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        index = torch.as_tensor(block_ids, dtype=torch.long).to(self.device)
+        raw = torch.as_tensor(block_ids)
+        if raw.numel() and (raw.dtype.is_floating_point or raw.dtype == torch.bool):
+            raise ValueError(f"block ids must be integers, got {raw.dtype}")
+        index = raw.to(dtype=torch.long, device=self.device)
         if index.ndim != 1:
             raise ValueError(f"block ids must be a flat list, got shape {tuple(index.shape)}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_blocks):
