@@ -25,3 +25,53 @@ def test_demo_runs_and_checks_itself() -> None:
 def test_unknown_command_is_an_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "dcpd.cli", "bogus"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def dcpd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dcpd.cli", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_run_json_one_object_per_prompt_in_input_order() -> None:
+    from dcpd.engine import LLMEngine, SamplingParams
+    from dcpd.model.default import build_default_model
+
+    proc = dcpd("run", "--prompt-ids", "1,2,3", "--prompt", "hi", "--prompt-ids", "4,5", "--max-tokens", "6",
+                "--temperature", "0", "--ignore-eos", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    # --prompt texts come first, then --prompt-ids, each group in the order given
+    assert [r["prompt_ids"] for r in records] == [[104, 105], [1, 2, 3], [4, 5]]
+    expected = LLMEngine(build_default_model()).generate(
+        [r["prompt_ids"] for r in records], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    )
+    for record, want in zip(records, expected, strict=True):
+        assert set(record) >= {"prompt_ids", "token_ids", "text", "finish_reason"}
+        assert record["token_ids"] == want.token_ids and record["finish_reason"] == "length"
+
+
+def test_run_with_a_checkpoint_directory(tmp_path) -> None:
+    import torch
+
+    from tests.hf_models import make_checkpoint
+
+    hf = make_checkpoint(tmp_path, "qwen2", seed=4)
+    proc = dcpd("run", "--model", str(tmp_path), "--prompt-ids", "5,6,7,8", "--max-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["token_ids"]
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, 8]])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert got == want[0, 4:].tolist()
+
+
+def test_run_errors_are_clear() -> None:
+    proc = dcpd("run", "--prompt-ids", "1,x")
+    assert proc.returncode == 2 and "expected comma-separated integers" in proc.stderr
+    proc = dcpd("run", "--prompt-ids", "999")
+    assert proc.returncode == 1 and "outside the vocabulary" in proc.stderr
+    proc = dcpd("run", "--model", "/nonexistent", "--prompt", "x")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    proc = dcpd("run")
+    assert proc.returncode == 2 and "at least one --prompt" in proc.stderr
