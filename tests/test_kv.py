@@ -82,20 +82,21 @@ def test_refcounts_keep_shared_blocks_alive() -> None:
 
 def test_allocation_seeks_consecutive_ids() -> None:
     pool = BlockPool(12)
+    assert pool.allocate(3) == [4, 5, 6]  # middle of the longest free run: room to grow after it
+    assert pool.allocate(2, after=6) == [7, 8]  # growth extends the run
+    # free runs now [0..3] and [9..11]: none has room for 3 + 3 + 2, so first fit
     assert pool.allocate(3) == [0, 1, 2]
-    pool.free([1])
-    assert pool.allocate(2) == [3, 4]  # first free run that fits, not the hole at 1
-    assert pool.allocate(1) == [1]
-    held = pool.allocate(7)  # 5..11
-    pool.free([held[0], held[2], held[3], held[5], held[6]])  # free runs: [5], [7, 8], [10, 11]
-    got = pool.allocate(4)
-    assert sorted(got[:2]) in ([7, 8], [10, 11]) and len(set(got)) == 4  # longest runs first
+    pool.free([0, 1, 2, 4, 5, 6, 7, 8])
+    held = pool.allocate(12, use_reserve=True)
+    pool.free([held[i] for i in (0, 2, 3, 5, 6, 8, 9, 10)])  # free runs: [0], [2, 3], [5, 6], [8, 9, 10]
+    got = pool.allocate(5)  # no run fits: longest runs first
+    assert got[:3] == [8, 9, 10] and len(set(got)) == 5 and set(got[3:]) in ({2, 3}, {5, 6})
 
 
 def test_allocation_extends_runs_when_it_can() -> None:
     pool = BlockPool(16)
     first = pool.allocate(2)
-    pool.allocate(1)  # someone else takes the next block
+    pool.allocate(1, after=first[-1])  # someone else takes the next block
     grown = pool.allocate(1, after=first[-1])
     assert grown != [first[-1] + 1]
     mine = pool.allocate(2)

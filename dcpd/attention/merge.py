@@ -84,6 +84,27 @@ def merge_partials(partials: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tup
     return merged.to(partials[0][0].dtype), lse
 
 
+def merge_nonempty_partials(
+    partials: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hot-path merge for kernel outputs over non-empty key sets (every LSE finite).
+
+    The same math as `merge_partials` with the NaN/empty handling left out; the
+    wrappers only call it with partials they computed over at least one key.
+    """
+    if len(partials) == 1:
+        return partials[0]
+    lses = torch.stack([p[1] for p in partials])
+    peak = lses.amax(dim=0)
+    weights = torch.exp(lses - peak)
+    total = weights.sum(dim=0)
+    merged = partials[0][0].float() * weights[0].unsqueeze(-1)
+    for (out, _), weight in zip(partials[1:], weights[1:]):
+        merged.addcmul_(out.float(), weight.unsqueeze(-1))
+    merged /= total.unsqueeze(-1)
+    return merged.to(partials[0][0].dtype), peak + torch.log(total)
+
+
 def reduce_reference(
     strategy: AllReduceStrategy, partials: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dcpd.attention.merge import merge_partials
+from dcpd.attention.merge import merge_nonempty_partials
 from dcpd.attention.ops import attend, resolve_backend
 from dcpd.attention.planner import build_plan, check_batch_limits, check_unique_ids, validate_metadata
 from dcpd.batch import BatchMetadata, BatchPhase, BatchRequest, DCPPlanConfig, ExecutionPlan, PlanError
@@ -207,7 +207,7 @@ def _store(out: torch.Tensor, lse: torch.Tensor, rows: slice, partials: list) ->
         out[rows] = 0
         lse[rows] = float("-inf")
         return
-    o, part_lse = merge_partials(partials)  # [Hq, Lq, D], [Hq, Lq]
+    o, part_lse = merge_nonempty_partials(partials)  # [Hq, Lq, D], [Hq, Lq]
     out[rows] = o.transpose(0, 1)
     lse[rows] = part_lse.transpose(0, 1)
 

@@ -2,9 +2,10 @@
 
 The pool only does bookkeeping; the bytes live in `PagedKVCache`. Allocation
 seeks consecutive ids: a request growing by a block first tries the id after
-its last block, and a multi-block allocation takes the first run of free ids
-long enough to hold it (else the longest runs available). Attention reads a
-run of consecutive blocks as one zero-copy view.
+its last block, and a new allocation goes into the middle of the longest free
+run when that leaves room to grow (else the first run that fits, else the
+longest runs available). Attention reads a run of consecutive blocks as one
+zero-copy view.
 """
 
 from __future__ import annotations
@@ -106,10 +107,22 @@ class BlockPool:
         return blocks
 
     def _take_runs(self, n: int) -> list[int]:
-        """n free ids: the first free run that fits, else the longest runs first (fewest pieces)."""
+        """n free ids, as few runs as possible, leaving room to grow.
+
+        If the longest free run has room for n plus as much again, take n from
+        its middle: the blocks after them stay free for this request's growth
+        (its next block extends the run). Else the first free run that fits,
+        else the longest runs first.
+        """
         edges = np.diff(np.concatenate(([0], self._is_free.view(np.int8), [0])))
         starts = np.flatnonzero(edges == 1)
         lengths = np.flatnonzero(edges == -1) - starts
+        if lengths.size == 0:
+            return []
+        longest = int(np.argmax(lengths))
+        if lengths[longest] >= 2 * n + 2:
+            start = int(starts[longest]) + (int(lengths[longest]) - n) // 2
+            return list(range(start, start + n))
         fits = np.flatnonzero(lengths >= n)
         if fits.size:
             start = int(starts[fits[0]])
