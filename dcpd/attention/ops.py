@@ -43,10 +43,11 @@ def attend(
     backend: Backend,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over (k, v) with its LSE. `causal` needs Lq == Lk (query i sees keys <= i)."""
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal attention needs as many keys as queries (Lq={q.shape[1]}, Lk={k.shape[1]})")
-    if k.shape[1] == 0:  # no keys: an empty partial (the CPU flash op would divide by zero)
+    num_keys = k.shape[1]
+    if num_keys == 0:  # no keys: an empty partial (the CPU flash op would divide by zero)
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    if causal and q.shape[1] != num_keys:
+        raise ValueError(f"causal attention needs as many keys as queries (Lq={q.shape[1]}, Lk={num_keys})")
     if backend == "flash":
         out, lse = _flash_cpu(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale)
         return out[0], lse[0]

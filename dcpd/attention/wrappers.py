@@ -152,29 +152,31 @@ class BatchExecutor(ABC):
         slots[0].index_copy_(1, plan.write_slots, k.transpose(0, 1))
         slots[1].index_copy_(1, plan.write_slots, v.transpose(0, 1))
 
-    def _attend_runs(self, layer: int, q: torch.Tensor, runs: tuple[tuple[int, int], ...], partials: list) -> None:
+    def _attend_runs(
+        self, layer: int, slots: torch.Tensor, q: torch.Tensor, runs: tuple[tuple[int, int], ...], partials: list
+    ) -> None:
         """Append the partial attention of q [Hq, Lq, D] over the cached runs of one request.
 
-        Up to MAX_RUNS_BEFORE_GATHER runs: one kernel call per run on a zero-copy view.
-        More: runs of at least LONG_RUN_BLOCKS blocks stay views; the short ones are
-        copied together into a workspace and attended in one call. Any grouping is
-        exact, since the partials merge by LSE.
+        `slots` is the layer's [2, Hkv, num_slots, D] view. Up to MAX_RUNS_BEFORE_GATHER
+        runs: one kernel call per run on a zero-copy view. More: runs of at least
+        LONG_RUN_BLOCKS blocks stay views; the short ones are copied together into a
+        workspace and attended in one call. Any grouping is exact (partials merge by LSE).
         """
-        if not runs:
-            return
-        slots = self.kv_cache.layer_slots(layer)
         bs = self.kv_cache.block_size
-        short = tuple(run for run in runs if run[1] < LONG_RUN_BLOCKS * bs)
-        if len(runs) > MAX_RUNS_BEFORE_GATHER and len(short) > 1:
-            runs = tuple(run for run in runs if run[1] >= LONG_RUN_BLOCKS * bs)
-            k, v = self._gather_runs(layer, short)
-            partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
-            self._stats["gathered_requests"] += 1
+        if len(runs) > MAX_RUNS_BEFORE_GATHER:
+            short = tuple(run for run in runs if run[1] < LONG_RUN_BLOCKS * bs)
+            if len(short) > 1:
+                runs = tuple(run for run in runs if run[1] >= LONG_RUN_BLOCKS * bs)
+                k, v = self._gather_runs(layer, short)
+                partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
+                self._stats["gathered_requests"] += 1
         for first_block, num_tokens in runs:
             start = first_block * bs
-            k = slots[0, :, start : start + num_tokens]
-            v = slots[1, :, start : start + num_tokens]
-            partials.append(attend(q, k, v, causal=False, scale=self.sm_scale, backend=self.backend))
+            end = start + num_tokens
+            partials.append(
+                attend(q, slots[0, :, start:end], slots[1, :, start:end], causal=False, scale=self.sm_scale,
+                       backend=self.backend)
+            )  # fmt: skip
 
     def _gather_runs(self, layer: int, runs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy runs into a reused contiguous workspace: k, v as [Hkv, L, D] views.
@@ -201,15 +203,18 @@ class BatchExecutor(ABC):
         return (out, lse) if return_lse else out
 
 
-def _store(out: torch.Tensor, lse: torch.Tensor, rows: slice, partials: list) -> None:
-    """Merge a request's partials and write them to out[rows] / lse[rows] (token-major)."""
+def _merged(partials: list, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's result from its partials: (out [Hq, Lq, D], lse [Hq, Lq])."""
     if not partials:  # no keys on this rank for this request
-        out[rows] = 0
-        lse[rows] = float("-inf")
-        return
-    o, part_lse = merge_nonempty_partials(partials)  # [Hq, Lq, D], [Hq, Lq]
-    out[rows] = o.transpose(0, 1)
-    lse[rows] = part_lse.transpose(0, 1)
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    return merge_nonempty_partials(partials)
+
+
+def _assemble(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request [Hq, Lq, D] / [Hq, Lq] results -> token-major out [T, Hq, D], lse [T, Hq] (one copy each)."""
+    out = torch.cat(outs, dim=1).transpose(0, 1).contiguous()
+    lse = torch.cat(lses, dim=1).transpose(0, 1).float().contiguous()
+    return out, lse
 
 
 class BatchDCPPrefillWrapper(BatchExecutor):
@@ -229,9 +234,9 @@ class BatchDCPPrefillWrapper(BatchExecutor):
     ) -> AttentionOutput:
         self._validate_run(plan, layer, q, k, v)
         self._write_kv(plan, layer, k, v)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         starts = plan.query_start_loc_host
+        slots = self.kv_cache.layer_slots(layer)
+        outs, lses = [], []
         for i in range(plan.num_requests):
             rows = slice(starts[i], starts[i + 1])
             qi = q[rows].transpose(0, 1)  # [Hq, Lq, D]
@@ -239,10 +244,12 @@ class BatchDCPPrefillWrapper(BatchExecutor):
             if plan.computes_new_block[i]:
                 ki, vi = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
                 partials.append(attend(qi, ki, vi, causal=True, scale=self.sm_scale, backend=self.backend))
-            self._attend_runs(layer, qi, plan.runs[i].context, partials)
-            _store(out, lse, rows, partials)
+            self._attend_runs(layer, slots, qi, plan.runs[i].context, partials)
+            o, part_lse = _merged(partials, qi)
+            outs.append(o)
+            lses.append(part_lse)
         self._stats["runs"] += 1
-        return self._finish(out, lse, return_lse)
+        return self._finish(*_assemble(outs, lses), return_lse)
 
 
 class BatchDCPDecodeWrapper(BatchExecutor):
@@ -270,14 +277,17 @@ class BatchDCPDecodeWrapper(BatchExecutor):
     ) -> AttentionOutput:
         self._validate_run(plan, layer, q, k, v)
         self._write_kv(plan, layer, k, v)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        queries = q.unsqueeze(2)  # [B, Hq, 1, D]: queries[i] is request i's [Hq, 1, D]
+        slots = self.kv_cache.layer_slots(layer)
+        outs, lses = [], []
         for i in range(plan.num_requests):
             partials: list = []
-            self._attend_runs(layer, q[i].unsqueeze(1), plan.runs[i].sequence, partials)  # q as [Hq, 1, D]
-            _store(out, lse, slice(i, i + 1), partials)
+            self._attend_runs(layer, slots, queries[i], plan.runs[i].sequence, partials)
+            o, part_lse = _merged(partials, queries[i])
+            outs.append(o)
+            lses.append(part_lse)
         self._stats["runs"] += 1
-        return self._finish(out, lse, return_lse)
+        return self._finish(*_assemble(outs, lses), return_lse)
 
 
 @dataclass(frozen=True)
