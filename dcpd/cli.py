@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dcpd.generate_cli import add_arguments as add_generate_arguments
+from dcpd.generate_cli import run as run_generate
 from dcpd.offline import add_arguments
 from dcpd.offline import run as run_offline
+from dcpd.server.main import add_serve_arguments, check_config, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     run = sub.add_parser("run", help="generate offline: every prompt concurrently, results in input order")
     add_arguments(run)
+    serve = sub.add_parser("serve", help="run the daemon")
+    add_serve_arguments(serve)
+    generate = sub.add_parser("generate", help="send prompts to a running daemon")
+    add_generate_arguments(generate)
+    check = sub.add_parser("check-config", help="validate a TOML config file without starting (exit 78 if bad)")
+    check.add_argument("file")
     return parser
 
 
@@ -29,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(as_json=args.json)
     if args.command == "run":
         return run_offline(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "generate":
+        return run_generate(args)
+    if args.command == "check-config":
+        return check_config(args)
     return 2
 
 

@@ -69,16 +69,25 @@ class LLMEngine:
         self.max_model_len = config.max_position_embeddings
         self._ids = itertools.count()
         self.num_steps = 0
+        self.last_preempted: list[str] = []  # request ids preempted by the latest step
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         """Queue a request; raises RequestError (and queues nothing) for invalid input."""
-        params.validate()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        prompt = self.validate_request(prompt_token_ids, params)
+        request = Request(request_id, prompt, params)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def validate_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """Check a request against the model and cache limits (reads no mutable state: thread-safe)."""
+        params.validate()
         prompt = list(prompt_token_ids)
         if not prompt:
             raise RequestError("prompt is empty")
@@ -97,10 +106,7 @@ class LLMEngine:
                 f"prompt + max_tokens = {total} tokens needs {self.block_manager.blocks_for(total)} KV blocks; "
                 f"the cache has {self.kv_cache.num_blocks}"
             )
-        request = Request(request_id, prompt, params)
-        self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request_id
+        return prompt
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a queued or running request; its blocks return to the pool. False if unknown or done."""
@@ -113,6 +119,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's record (a long-running server calls this after replying)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.requests[request_id]
+
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         self.scheduler.remove(request)
         request.status = RequestStatus.FINISHED
@@ -123,6 +135,7 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.last_preempted = [r.request_id for r in scheduled.preempted]
         if scheduled.is_empty:
             return []
         self.num_steps += 1

@@ -1,0 +1,140 @@
+"""Daemon configuration: TOML validated by msgspec, with command-line overrides.
+
+Unknown keys and wrong types are rejected with the key path in the message.
+`load_config(path, overrides)` applies `--set section.key=value` (the value is
+parsed as a TOML value, else taken as a string) on top of the file, then the
+defaults fill the rest.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+EX_CONFIG = 78  # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the key."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    role: Literal["unified"] = "unified"
+    frontend: str = "tcp://127.0.0.1:5557"  # ZMQ ROUTER endpoint clients connect to (tcp:// or ipc://)
+    max_inflight: int = 1024  # requests in flight, all clients
+    max_inflight_per_client: int = 64  # requests in flight per client identity
+    max_message_bytes: int = 1 << 20  # larger frames are refused by ZMQ (MAXMSGSIZE)
+    send_hwm: int = 10000  # ZMQ high-water marks (messages queued per peer)
+    recv_hwm: int = 10000
+    drain_timeout_s: float = 30.0  # on SIGTERM: time given to in-flight requests before they are aborted
+
+
+class ModelSection(_Section):
+    path: str = ""  # local Hugging Face model directory; empty = the embedded default model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class EngineSection(_Section):
+    max_batch_size: int = 256
+    max_tokens_per_batch: int = 8192
+    block_size: int = 16
+    kv_cache_mb: int = 256
+    kv_reserve_fraction: float = 0.05
+    seed: int = 0
+    threads: int = 0  # torch compute threads; 0 = torch's default
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON lines
+
+
+class MetricsSection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464  # Prometheus scrape port; 0 = any free port
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    engine: EngineSection = msgspec.field(default_factory=EngineSection)
+    logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override to raw config data."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {assignment!r}: the key must be section.key")
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"--set {assignment!r}: {parts[0]} is not a section")
+    section[parts[1]] = _parse_value(value.strip())
+
+
+def _check_values(config: Config) -> None:
+    positive = {
+        "server.max_inflight": config.server.max_inflight,
+        "server.max_inflight_per_client": config.server.max_inflight_per_client,
+        "server.max_message_bytes": config.server.max_message_bytes,
+        "engine.max_batch_size": config.engine.max_batch_size,
+        "engine.max_tokens_per_batch": config.engine.max_tokens_per_batch,
+        "engine.block_size": config.engine.block_size,
+        "engine.kv_cache_mb": config.engine.kv_cache_mb,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+    if not config.server.frontend.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"server.frontend = {config.server.frontend!r}: must start with tcp:// or ipc://")
+    if config.server.drain_timeout_s < 0:
+        raise ConfigError(f"server.drain_timeout_s = {config.server.drain_timeout_s}: must be >= 0")
+    if not 0 <= config.metrics.port < 65536:
+        raise ConfigError(f"metrics.port = {config.metrics.port}: must be in [0, 65535]")
+    if not 0.0 <= config.engine.kv_reserve_fraction < 1.0:
+        raise ConfigError(f"engine.kv_reserve_fraction = {config.engine.kv_reserve_fraction}: must be in [0, 1)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{_friendly(str(exc))}") from None
+    _check_values(config)
+    return config
+
+
+def _friendly(message: str) -> str:
+    """msgspec says `... - at `$.server.port``; say `server.port` instead."""
+    return message.replace("`$.", "`").replace("`$`", "the top level")

@@ -1,0 +1,67 @@
+"""`dcpd serve` and `dcpd check-config`: load the config, then run the daemon under uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dcpd.config import EX_CONFIG, Config, ConfigError, load_config
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    parser.add_argument("--model", help="model directory (overrides model.path)")
+    parser.add_argument("--frontend", help="ZMQ endpoint to bind (overrides server.frontend)")
+    parser.add_argument("--role", choices=["unified"], help="daemon role (overrides server.role)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    for key, value in (("model.path", args.model), ("server.frontend", args.frontend), ("server.role", args.role)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")  # a JSON string is a valid TOML string
+    return load_config(args.config, overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"dcpd: bad config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    import torch
+    import uvloop
+
+    from dcpd.model.config import ModelLoadError
+    from dcpd.offline import load
+    from dcpd.server.daemon import Daemon
+    from dcpd.server.logs import configure_logging
+
+    configure_logging(config.logging.level, config.logging.format)
+    if config.engine.threads:
+        torch.set_num_threads(config.engine.threads)
+    try:
+        loaded = load(config.model.path or None, config.model.dtype, config.model.device)
+    except ModelLoadError as exc:
+        print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        daemon = Daemon(config, loaded)
+    except ValueError as exc:
+        print(f"dcpd: bad config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return uvloop.run(daemon.serve())
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        print(f"dcpd: bad config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.file}: OK")
+    return 0
