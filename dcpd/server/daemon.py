@@ -72,6 +72,7 @@ class Daemon:
         self.work = asyncio.Event()
         self.draining = False
         self.stopped = asyncio.Event()
+        self.exit_code = 0
         self.zmq_context = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.metrics_port: int | None = None
@@ -104,6 +105,8 @@ class Daemon:
         interval = watchdog_interval_s()
         if interval:
             tasks.append(asyncio.create_task(self._watchdog(interval)))
+        for task in tasks:
+            task.add_done_callback(self._task_done)
         log.info(
             "serving",
             frontend=self.config.server.frontend,
@@ -119,8 +122,16 @@ class Daemon:
         self.socket.close(linger=0)
         self.zmq_context.term()
         self.executor.shutdown(wait=True)
-        log.info("stopped")
-        return 0
+        log.info("stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A loop task must never end on its own: if one crashes, exit non-zero (systemd restarts us)."""
+        if task.cancelled() or self.stopped.is_set():
+            return
+        log.error("internal task died", task=task.get_coro().__name__, error=repr(task.exception()))
+        self.exit_code = 1
+        self.stopped.set()
 
     def begin_drain(self, reason: str = "signal") -> None:
         if self.draining:
@@ -144,16 +155,26 @@ class Daemon:
             await asyncio.sleep(interval)
 
     # -- sending -----------------------------------------------------------------------------------
-    def _send(self, identity: bytes, message: p._Message) -> bool:
-        """Send one reply without blocking; on a gone or hopelessly slow client, abort its requests."""
-        try:
-            self.socket.send_multipart([identity, p.encode(message)], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:
-            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                self._client_gone(identity, "unreachable" if exc.errno == zmq.EHOSTUNREACH else "too slow")
-                return False
-            raise
+    def _send(self, identity: bytes, message: p._Message) -> None:
+        """Send one reply without blocking; on a gone or hopelessly slow client, abort its requests.
+
+        The asyncio socket reports a failed send on the returned future (with NOBLOCK
+        it is normally already done), never by raising here.
+        """
+        future = self.socket.send_multipart([identity, p.encode(message)], flags=zmq.NOBLOCK)
+        if future.done():
+            self._sent(identity, future)
+        else:
+            future.add_done_callback(lambda f: self._sent(identity, f))
+
+    def _sent(self, identity: bytes, future: asyncio.Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            return
+        if isinstance(exc, zmq.ZMQError) and exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            self._client_gone(identity, "unreachable" if exc.errno == zmq.EHOSTUNREACH else "too slow")
+        else:
+            log.error("send failed", client=identity.hex(), error=repr(exc))
 
     def _send_error(self, identity: bytes, request_id: str | None, code: str, message: str) -> None:
         self.metrics.errors.labels(code).inc()
@@ -181,7 +202,11 @@ class Daemon:
             except p.ProtocolError as exc:
                 self._send_error(identity, exc.request_id, exc.code, str(exc))
                 continue
-            self._handle(identity, message)
+            try:
+                self._handle(identity, message)
+            except Exception as exc:  # a bug handling one message must not stop the daemon
+                log.exception("failed to handle a message", client=identity.hex())
+                self._send_error(identity, getattr(message, "request_id", None), "internal", repr(exc))
 
     def _handle(self, identity: bytes, message: p.ClientMessage) -> None:
         if isinstance(message, p.Generate):

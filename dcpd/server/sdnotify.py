@@ -24,9 +24,10 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)  # never stall the event loop on a full receiver queue
                 sock.sendto("\n".join(fields).encode(), self.address)
             return True
-        except OSError:
+        except OSError:  # includes BlockingIOError: the message is dropped, the next one may pass
             return False
 
 
