@@ -64,7 +64,12 @@ class DaemonProcess:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def start_daemon(*overrides: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> DaemonProcess:
+def start_daemon(
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    ready_timeout: float = 120.0,
+) -> DaemonProcess:
     tmpdir = tempfile.mkdtemp(prefix="dcpd", dir="/tmp")  # ipc paths must stay short
     endpoint = f"ipc://{tmpdir}/f"
     notify_path = f"{tmpdir}/n"
@@ -74,6 +79,7 @@ def start_daemon(*overrides: str, env: dict[str, str] | None = None, ready_timeo
     args = [sys.executable, "-m", "dcpd.cli", "serve", "--frontend", endpoint, "--set", f"metrics.port={port}"]
     for item in overrides:
         args += ["--set", item]
+    args += extra_args or []
     proc_env = {**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})}
     # the log goes to a file: a pipe nobody reads would block the daemon once it fills
     with open(f"{tmpdir}/log", "w") as log_file:

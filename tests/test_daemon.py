@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -187,6 +188,34 @@ def test_metrics_endpoint(daemon) -> None:
     for name in ("dcpd_requests_total{reason=\"length\"}", "dcpd_ttft_seconds_bucket", "dcpd_kv_blocks_free",
                  "dcpd_errors_total{code=", "dcpd_generation_tokens_total", "dcpd_queue_depth"):  # fmt: skip
         assert name in body, name
+
+
+def test_generate_cli_matches_run_cli(daemon) -> None:
+    args = ["--prompt", "hey", "--prompt-ids", "9,8,7", "--max-tokens", "6", "--temperature", "0", "--json"]
+    served = dcpd("generate", "--endpoint", daemon.endpoint, *args)
+    offline = dcpd("run", *args)
+    assert served.returncode == 0 and offline.returncode == 0, served.stderr + offline.stderr
+    served_records = [json.loads(line) for line in served.stdout.splitlines()]
+    assert served_records == [json.loads(line) for line in offline.stdout.splitlines()]
+    assert [r["prompt_ids"] for r in served_records] == [list(b"hey"), [9, 8, 7]]
+
+
+def test_global_limit_and_demo_mode() -> None:
+    d = start_daemon("server.max_inflight=2", extra_args=["--demo"])
+    try:
+        deadline = time.monotonic() + 60
+        while "demo request answered" not in d.log_text():
+            assert time.monotonic() < deadline, d.log_text()[-2000:]
+            time.sleep(0.1)
+        with Client(d.endpoint) as one, Client(d.endpoint) as two:
+            streams = [one.generate(prompt_ids=[1], **LONG), two.generate(prompt_ids=[2], **LONG)]
+            with pytest.raises(Overloaded, match="requests in flight"):
+                two.generate(prompt_ids=[3], **LONG).result()
+            for stream in streams:
+                stream.abort()
+                assert stream.result().finish_reason == "abort"
+    finally:
+        assert d.stop() == 0
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0() -> None:

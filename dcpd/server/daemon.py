@@ -89,7 +89,7 @@ class Daemon:
         sock.bind(server.frontend)
         self.socket = sock
 
-    async def serve(self) -> int:
+    async def serve(self, demo: bool = False) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_drain, sig.name)
@@ -115,6 +115,8 @@ class Daemon:
             kv_blocks=self.engine.kv_cache.num_blocks,
         )
         self.notifier.notify("READY=1", f"STATUS=serving on {self.config.server.frontend}")
+        if demo:
+            tasks.append(asyncio.create_task(self._demo_request()))
         await self.stopped.wait()
         for task in tasks:
             task.cancel()
@@ -127,7 +129,8 @@ class Daemon:
 
     def _task_done(self, task: asyncio.Task) -> None:
         """A loop task must never end on its own: if one crashes, exit non-zero (systemd restarts us)."""
-        if task.cancelled() or self.stopped.is_set():
+        if task.cancelled() or self.stopped.is_set() or (task.get_coro().__name__ == "_demo_request"
+                                                          and task.exception() is None):  # fmt: skip
             return
         log.error("internal task died", task=task.get_coro().__name__, error=repr(task.exception()))
         self.exit_code = 1
@@ -148,6 +151,24 @@ class Daemon:
             for key in list(self.inflight):
                 self.pending_aborts.append((key, "aborted"))
             self.work.set()
+
+    async def _demo_request(self) -> None:
+        """Answer one demo request from a real client over the frontend, and print it."""
+        from dcpd.client import AsyncClient
+
+        async with AsyncClient(self.config.server.frontend, timeout=120) as client:
+            stream = await client.generate(prompt="Hello from dcpd!", max_tokens=24, temperature=0.0, ignore_eos=True)
+            result = await stream.collect()
+        log.info(
+            "demo request answered",
+            prompt="Hello from dcpd!",
+            token_ids=result.token_ids,
+            text=result.text,
+            ttft_ms=result.usage.ttft_ms,
+            total_ms=round(result.usage.total_ms, 2),
+            note="the embedded default model has random weights: its text is meaningless" if
+            self.engine.loaded.source == "embedded-default" else None,
+        )  # fmt: skip
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -15,6 +15,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontend", help="ZMQ endpoint to bind (overrides server.frontend)")
     parser.add_argument("--role", choices=["unified"], help="daemon role (overrides server.role)")
     parser.add_argument(
+        "--demo", action="store_true", help="once serving, answer a demo request from a client and log it"
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key"
     )
 
@@ -54,7 +57,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return uvloop.run(daemon.serve())
+    return uvloop.run(daemon.serve(demo=args.demo))
 
 
 def check_config(args: argparse.Namespace) -> int:
