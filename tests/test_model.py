@@ -134,11 +134,19 @@ def test_tokenizers(tmp_path: Path) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": {"content": "<s>"}}))
     hf_tok = load_tokenizer(tmp_path)
     assert hf_tok.encode("hello world") == [3, 4]
     assert hf_tok.eos_token_ids == (2,) and hf_tok.bos_token_id == 1
+    assert hf_tok.decode([1, 3, 4, 2]) == "hello world"  # special tokens are skipped
+    # a post-processor that adds BOS (as Llama's tokenizer.json has) is applied, like transformers does
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path).encode("hello world") == [1, 3, 4]
 
 
 def test_default_model_is_deterministic() -> None:

@@ -58,7 +58,9 @@ class HFTokenizer:
         return self._tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # add_special_tokens: the tokenizer's own post-processor adds BOS where the model expects it,
+        # as transformers' tokenizer(text) does by default
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
