@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import torch
+import zmq.asyncio
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
@@ -69,7 +70,8 @@ def start_daemon(model: str, tmp: str) -> tuple[subprocess.Popen, str]:
 
 async def load(endpoint: str, prompts: list[list[int]], clients: int, rate: float) -> dict[str, object]:
     rng = random.Random(1)
-    sockets = [AsyncClient(endpoint, timeout=600) for _ in range(clients)]
+    context = zmq.asyncio.Context()  # one I/O thread for all the client sockets
+    sockets = [AsyncClient(endpoint, timeout=600, context=context) for _ in range(clients)]
     ttft: list[float] = []
     tpot: list[float] = []
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -98,6 +100,7 @@ async def load(endpoint: str, prompts: list[list[int]], clients: int, rate: floa
     wall = time.perf_counter() - start
     for client in sockets:
         await client.close()
+    context.term()
     return {"wall_s": wall, "ttft": ttft, "tpot": tpot, "outputs": outputs}
 
 

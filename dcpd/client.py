@@ -116,10 +116,13 @@ class AsyncStream:
 
 
 class AsyncClient:
-    def __init__(self, endpoint: str, *, timeout: float = 60.0) -> None:
+    """`context`: share one zmq.asyncio.Context (one I/O thread) among many clients; owned if omitted."""
+
+    def __init__(self, endpoint: str, *, timeout: float = 60.0, context: zmq.asyncio.Context | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self.context = zmq.asyncio.Context()
+        self._owns_context = context is None
+        self.context = context or zmq.asyncio.Context()
         self.socket = _new_socket(self.context, endpoint)
         self._streams: dict[str, AsyncStream] = {}
         self._replies: dict[str, asyncio.Future] = {}
@@ -137,7 +140,8 @@ class AsyncClient:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         self.socket.close(linger=0)
-        self.context.term()
+        if self._owns_context:
+            self.context.term()
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
