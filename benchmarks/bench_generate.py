@@ -13,12 +13,12 @@ prefill included. Also checks dcpd's tokens equal the sequential baseline's.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
 
 import torch
+from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
@@ -101,11 +101,7 @@ def main() -> None:
         "ratio_vs_hf_batched": batched_s / dcpd_s,
         "prompts_token_identical_to_hf": f"{same}/{args.prompts}",
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    for key, value in result.items():
-        print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import socket
@@ -31,6 +30,7 @@ import time
 
 import torch
 import zmq.asyncio
+from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
@@ -158,11 +158,7 @@ def main() -> None:
         "rounds": args.rounds,
         "outputs_identical_to_offline": f"{same}/{args.requests}",
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    for key, value in result.items():
-        print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -268,18 +268,15 @@ class Client:
     def abort(self, request_id: str) -> None:
         self.socket.send(p.encode(p.Abort(request_id=request_id)))
 
-    def health(self) -> str:
-        rid = f"h{next(self._ids)}"
-        self.socket.send(p.encode(p.Health(request_id=rid)))
-        reply = self._next_for(rid)
+    def _ask(self, message: p.Health | p.GetStats) -> p.ServerMessage:
+        self.socket.send(p.encode(message))
+        reply = self._next_for(message.request_id)
         if isinstance(reply, p.Error):
             _raise_for(reply)
-        return reply.status  # type: ignore[union-attr]
+        return reply
+
+    def health(self) -> str:
+        return self._ask(p.Health(request_id=f"h{next(self._ids)}")).status  # type: ignore[union-attr]
 
     def stats(self) -> dict[str, Any]:
-        rid = f"s{next(self._ids)}"
-        self.socket.send(p.encode(p.GetStats(request_id=rid)))
-        reply = self._next_for(rid)
-        if isinstance(reply, p.Error):
-            _raise_for(reply)
-        return reply.stats  # type: ignore[union-attr]
+        return self._ask(p.GetStats(request_id=f"s{next(self._ids)}")).stats  # type: ignore[union-attr]

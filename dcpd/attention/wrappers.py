@@ -116,7 +116,6 @@ class BatchExecutor(ABC):
         """Wrapper-specific restrictions on a batch (none by default)."""
 
     # -- running ----------------------------------------------------------------------------
-    @abstractmethod
     def run(
         self,
         plan: ExecutionPlan,
@@ -132,6 +131,31 @@ class BatchExecutor(ABC):
         q is [T, Hq, D] with T = plan.num_tokens, tokens in request order. Returns
         out [T, Hq, D] (q's dtype), and with `return_lse` also lse [T, Hq] (float32).
         """
+        self._validate_run(plan, layer, q, k, v)
+        self._write_kv(plan, layer, k, v)
+        slots = self.kv_cache.layer_slots(layer)
+        outs, lses = [], []
+        for i in range(plan.num_requests):
+            query, partials = self._request_partials(plan, i, layer, slots, q, k, v)
+            out, lse = _merged(partials, query)
+            outs.append(out)
+            lses.append(lse)
+        self._stats["runs"] += 1
+        out, lse = _assemble(outs, lses)
+        return (out, lse) if return_lse else out
+
+    @abstractmethod
+    def _request_partials(
+        self,
+        plan: ExecutionPlan,
+        i: int,
+        layer: int,
+        slots: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, list]:
+        """Request i's query as [Hq, Lq, D] and its partial (out, lse) results over this rank's keys."""
 
     def get_stats(self) -> dict[str, Any]:
         return {"wrapper": type(self).__name__, "backend": self.backend, **self._stats}
@@ -198,10 +222,6 @@ class BatchExecutor(ABC):
         flat = out.view(2, cache.num_kv_heads, len(blocks) * bs, cache.head_dim)
         return flat[0, :, :num_tokens], flat[1, :, :num_tokens]
 
-    @staticmethod
-    def _finish(out: torch.Tensor, lse: torch.Tensor, return_lse: bool) -> AttentionOutput:
-        return (out, lse) if return_lse else out
-
 
 def _merged(partials: list, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's result from its partials: (out [Hq, Lq, D], lse [Hq, Lq])."""
@@ -222,34 +242,24 @@ class BatchDCPPrefillWrapper(BatchExecutor):
 
     phase = BatchPhase.PREFILL
 
-    def run(
+    def _request_partials(
         self,
         plan: ExecutionPlan,
+        i: int,
         layer: int,
+        slots: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        return_lse: bool = False,
-    ) -> AttentionOutput:
-        self._validate_run(plan, layer, q, k, v)
-        self._write_kv(plan, layer, k, v)
-        starts = plan.query_start_loc_host
-        slots = self.kv_cache.layer_slots(layer)
-        outs, lses = [], []
-        for i in range(plan.num_requests):
-            rows = slice(starts[i], starts[i + 1])
-            qi = q[rows].transpose(0, 1)  # [Hq, Lq, D]
-            partials: list = []
-            if plan.computes_new_block[i]:
-                ki, vi = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                partials.append(attend(qi, ki, vi, causal=True, scale=self.sm_scale, backend=self.backend))
-            self._attend_runs(layer, slots, qi, plan.runs[i].context, partials)
-            o, part_lse = _merged(partials, qi)
-            outs.append(o)
-            lses.append(part_lse)
-        self._stats["runs"] += 1
-        return self._finish(*_assemble(outs, lses), return_lse)
+    ) -> tuple[torch.Tensor, list]:
+        rows = slice(plan.query_start_loc_host[i], plan.query_start_loc_host[i + 1])
+        query = q[rows].transpose(0, 1)  # [Hq, Lq, D]
+        partials: list = []
+        if plan.computes_new_block[i]:
+            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            partials.append(attend(query, keys, values, causal=True, scale=self.sm_scale, backend=self.backend))
+        self._attend_runs(layer, slots, query, plan.runs[i].context, partials)
+        return query, partials
 
 
 class BatchDCPDecodeWrapper(BatchExecutor):
@@ -265,29 +275,20 @@ class BatchDCPDecodeWrapper(BatchExecutor):
                     "decode takes exactly 1 (use the prefill or unified wrapper)"
                 )
 
-    def run(
+    def _request_partials(
         self,
         plan: ExecutionPlan,
+        i: int,
         layer: int,
+        slots: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
-        return_lse: bool = False,
-    ) -> AttentionOutput:
-        self._validate_run(plan, layer, q, k, v)
-        self._write_kv(plan, layer, k, v)
-        queries = q.unsqueeze(2)  # [B, Hq, 1, D]: queries[i] is request i's [Hq, 1, D]
-        slots = self.kv_cache.layer_slots(layer)
-        outs, lses = [], []
-        for i in range(plan.num_requests):
-            partials: list = []
-            self._attend_runs(layer, slots, queries[i], plan.runs[i].sequence, partials)
-            o, part_lse = _merged(partials, queries[i])
-            outs.append(o)
-            lses.append(part_lse)
-        self._stats["runs"] += 1
-        return self._finish(*_assemble(outs, lses), return_lse)
+    ) -> tuple[torch.Tensor, list]:
+        query = q[i].unsqueeze(1)  # [Hq, 1, D]
+        partials: list = []
+        self._attend_runs(layer, slots, query, plan.runs[i].sequence, partials)
+        return query, partials
 
 
 @dataclass(frozen=True)
