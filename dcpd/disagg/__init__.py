@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: KV transfer between peers (roles and router to come)."""

@@ -1,0 +1,261 @@
+"""KV cache transfer between peers over ZeroMQ: zero-copy multipart frames, checked on arrival.
+
+One message per chunk (a layer range of a request's blocks), as two frames:
+
+    [KVChunkHeader (msgpack), payload (raw bytes of a contiguous tensor)]
+
+payload shape: [n_layers, 2, kv_heads, n_blocks, block_size, head_dim] in the
+cache's dtype (`PagedKVCache.gather` layout). The sender stages each chunk in
+a reused buffer (pinned host memory when the cache is on a GPU) and sends it
+with `copy=False` from a memoryview; a buffer is reused only after ZeroMQ has
+released it (MessageTracker). The receiver views the frame with
+`torch.frombuffer` (no copy) and scatters it into the blocks it reserved for the
+request. Chunks of a request must arrive in order (`seq`); each carries an
+xxh3-64 checksum of its payload. The last chunk is acknowledged with a KVAck.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+import xxhash
+import zmq
+
+from dcpd.kv.cache import PagedKVCache
+
+TRANSFER_VERSION = 1
+STAGING_BUFFERS = 3  # chunks in flight per sender before it waits for ZeroMQ to release one
+
+
+class KVChunkHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    v: int = TRANSFER_VERSION
+    request_id: str
+    seq: int  # 0, 1, 2, ... per request
+    layer_start: int
+    layer_end: int  # exclusive
+    block_offset: int  # index of this chunk's first block in the request's block list
+    num_blocks: int
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    shape: list[int]
+    checksum: int  # xxh3-64 of the payload bytes
+    last: bool  # the request's final chunk
+
+
+class KVAck(msgspec.Struct, kw_only=True):
+    request_id: str
+    ok: bool
+    chunks: int
+    bytes: int
+    error: str | None = None
+
+
+class TransferError(ValueError):
+    """A chunk that cannot be accepted; the message names the field."""
+
+
+_header_encoder = msgspec.msgpack.Encoder()
+_header_decoder = msgspec.msgpack.Decoder(KVChunkHeader)
+_ack_decoder = msgspec.msgpack.Decoder(KVAck)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU tensor (any dtype, bf16 included), without copying."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def checksum(buffer: memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(buffer)
+
+
+# -- sending ----------------------------------------------------------------------------------------
+class KVSender:
+    """Pushes requests' KV blocks to a receiver endpoint (a DEALER socket; one thread uses it)."""
+
+    def __init__(self, cache: PagedKVCache, endpoint: str, *, context: zmq.Context | None = None) -> None:
+        self.cache = cache
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self._staging: list[tuple[torch.Tensor, zmq.MessageTracker | None]] = []
+        self._next = 0
+        self.bytes_sent = 0
+
+    def close(self) -> None:
+        for _, tracker in self._staging:
+            if tracker is not None:
+                tracker.wait()
+        self.socket.close(linger=0)
+
+    def _stage(self, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+        """A staging buffer ZeroMQ no longer holds (round-robin over STAGING_BUFFERS), viewed as `shape`."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        slot = self._next
+        self._next = (slot + 1) % STAGING_BUFFERS
+        if slot == len(self._staging):
+            self._staging.append((torch.empty(0, dtype=self.cache.dtype), None))
+        buffer, tracker = self._staging[slot]
+        if tracker is not None:
+            tracker.wait()  # ZeroMQ may still be reading the previous chunk from it
+        if buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=self.cache.dtype, pin_memory=self.cache.device.type == "cuda")
+        self._staging[slot] = (buffer, None)
+        return slot, buffer[:numel].view(shape)
+
+    def send_chunk(
+        self, request_id: str, seq: int, block_ids: list[int], *, layers: tuple[int, int], block_offset: int = 0,
+        last: bool,
+    ) -> int:  # fmt: skip
+        """Gather `block_ids` of layers [start, end) and send them as one chunk; returns the payload bytes."""
+        cache = self.cache
+        start, end = layers
+        shape = (end - start, 2, cache.num_kv_heads, len(block_ids), cache.block_size, cache.head_dim)
+        slot, staging = self._stage(shape)
+        cache.gather(block_ids, layers=slice(start, end), out=staging)
+        if cache.device.type == "cuda":
+            torch.cuda.current_stream(cache.device).synchronize()
+        payload = _as_bytes(staging)
+        header = KVChunkHeader(
+            request_id=request_id, seq=seq, layer_start=start, layer_end=end, block_offset=block_offset,
+            num_blocks=len(block_ids), dtype=dtype_name(cache.dtype), shape=list(shape),
+            checksum=checksum(payload), last=last,
+        )  # fmt: skip
+        tracker = self.socket.send_multipart([_header_encoder.encode(header), payload], copy=False, track=True)
+        self._staging[slot] = (self._staging[slot][0], tracker)
+        self.bytes_sent += payload.nbytes
+        return payload.nbytes
+
+    def send_request(self, request_id: str, block_ids: list[int], *, layers_per_chunk: int = 1) -> int:
+        """Stream every layer of a request's blocks, `layers_per_chunk` layers per message."""
+        total, seq = 0, 0
+        num_layers = self.cache.num_layers
+        for start in range(0, num_layers, layers_per_chunk):
+            end = min(start + layers_per_chunk, num_layers)
+            total += self.send_chunk(request_id, seq, block_ids, layers=(start, end), last=end == num_layers)
+            seq += 1
+        return total
+
+    def wait_ack(self, timeout_s: float) -> KVAck:
+        if not self.socket.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no KV acknowledgment within {timeout_s} s")
+        return _ack_decoder.decode(self.socket.recv())
+
+
+# -- receiving --------------------------------------------------------------------------------------
+@dataclass
+class Incoming:
+    """A request the receiver has reserved blocks for."""
+
+    block_ids: list[int]
+    next_seq: int = 0
+    bytes: int = 0
+    layers_done: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+
+
+class KVReceiver:
+    """Accepts chunks into reserved blocks of a local cache. `handle()` is socket-free (testable);
+    `serve_once()` reads one message from a ROUTER socket and answers acks."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.incoming: dict[str, Incoming] = {}
+        self.bytes_received = 0
+
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        """Register the blocks reserved for a request before its KV arrives."""
+        if request_id in self.incoming:
+            raise TransferError(f"request {request_id!r} is already expected")
+        self.incoming[request_id] = Incoming(list(block_ids))
+
+    def cancel(self, request_id: str) -> None:
+        self.incoming.pop(request_id, None)
+
+    def _expected_shape(self, header: KVChunkHeader) -> list[int]:
+        c = self.cache
+        return [header.layer_end - header.layer_start, 2, c.num_kv_heads, header.num_blocks, c.block_size, c.head_dim]
+
+    def handle(self, header_frame: bytes | memoryview, payload: memoryview) -> KVAck | None:
+        """Validate and store one chunk. Returns the ack after the last chunk (or a failed ack); else None.
+
+        A failed chunk ends the request on this side: it is forgotten, and the caller frees its blocks.
+        """
+        try:
+            header = _header_decoder.decode(header_frame)
+        except msgspec.ValidationError as exc:
+            return KVAck(request_id="", ok=False, chunks=0, bytes=0, error=f"bad chunk header: {exc}")
+        rid = header.request_id
+        state = self.incoming.get(rid)
+        if state is None:
+            return KVAck(request_id=rid, ok=False, chunks=0, bytes=0, error=f"request {rid!r} is not expected here")
+        try:
+            self._check(header, state, payload)
+        except TransferError as exc:
+            del self.incoming[rid]
+            return KVAck(request_id=rid, ok=False, chunks=header.seq, bytes=state.bytes, error=str(exc))
+        data = torch.frombuffer(payload, dtype=self.cache.dtype).view(header.shape)  # no copy
+        blocks = state.block_ids[header.block_offset : header.block_offset + header.num_blocks]
+        self.cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
+        state.next_seq += 1
+        state.bytes += payload.nbytes
+        state.layers_done.update(range(header.layer_start, header.layer_end))
+        self.bytes_received += payload.nbytes
+        if not header.last:
+            return None
+        del self.incoming[rid]
+        if len(state.layers_done) != self.cache.num_layers:
+            missing = sorted(set(range(self.cache.num_layers)) - state.layers_done)
+            return KVAck(request_id=rid, ok=False, chunks=state.next_seq, bytes=state.bytes,
+                         error=f"last chunk arrived but layers {missing[:8]} are missing")  # fmt: skip
+        return KVAck(request_id=rid, ok=True, chunks=state.next_seq, bytes=state.bytes)
+
+    def _check(self, header: KVChunkHeader, state: Incoming, payload: memoryview) -> None:
+        cache = self.cache
+        if header.v != TRANSFER_VERSION:
+            raise TransferError(f"transfer version {header.v} is not supported (this peer speaks {TRANSFER_VERSION})")
+        if header.seq != state.next_seq:
+            raise TransferError(f"chunk seq {header.seq} arrived, expected {state.next_seq}")
+        if header.dtype != dtype_name(cache.dtype):
+            raise TransferError(f"chunk dtype {header.dtype} does not match this cache's {dtype_name(cache.dtype)}")
+        if not 0 <= header.layer_start < header.layer_end <= cache.num_layers:
+            raise TransferError(
+                f"chunk layers [{header.layer_start}, {header.layer_end}) outside 0..{cache.num_layers}"
+            )
+        if header.block_offset < 0 or header.block_offset + header.num_blocks > len(state.block_ids):
+            raise TransferError(
+                f"chunk blocks [{header.block_offset}, {header.block_offset + header.num_blocks}) exceed the "
+                f"{len(state.block_ids)} blocks reserved"
+            )
+        expected = self._expected_shape(header)
+        if header.shape != expected:
+            raise TransferError(f"chunk shape {header.shape} does not match this cache's layout {expected}")
+        nbytes = cache.kv.element_size()
+        for n in expected:
+            nbytes *= n
+        if payload.nbytes != nbytes:
+            raise TransferError(f"chunk payload has {payload.nbytes} bytes, its shape implies {nbytes}")
+        if checksum(payload) != header.checksum:
+            raise TransferError("chunk checksum mismatch: the payload was corrupted")
+
+    def serve_once(self, socket: zmq.Socket, timeout_ms: int = -1) -> KVAck | None:
+        """Receive one message on a ROUTER socket, store it, and send the ack (if any) back."""
+        if timeout_ms >= 0 and not socket.poll(timeout_ms):
+            return None
+        frames = socket.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        if len(frames) != 3:
+            ack = KVAck(request_id="", ok=False, chunks=0, bytes=0, error=f"expected 2 frames, got {len(frames) - 1}")
+        else:
+            ack = self.handle(frames[1].buffer, frames[2].buffer)
+        if ack is not None:
+            socket.send_multipart([identity, _header_encoder.encode(ack)])
+        return ack

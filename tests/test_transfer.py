@@ -1,0 +1,104 @@
+"""KV transfer: a request's blocks cross a real socket into another cache, checked on arrival."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+
+import msgspec
+import pytest
+import torch
+import zmq
+
+from dcpd.disagg.transfer import KVChunkHeader, KVReceiver, KVSender, _as_bytes, checksum
+from dcpd.kv.cache import PagedKVCache
+
+
+def filled_cache(dtype: torch.dtype = torch.float32, blocks: int = 64, layers: int = 4) -> PagedKVCache:
+    cache = PagedKVCache(layers, blocks, 16, 2, 8, dtype=dtype)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=torch.Generator().manual_seed(0)).to(dtype))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layers_per_chunk", [1, 3])
+def test_request_kv_crosses_a_socket_intact(dtype: torch.dtype, layers_per_chunk: int) -> None:
+    src = filled_cache(dtype)
+    dst = PagedKVCache(4, 80, 16, 2, 8, dtype=dtype)
+    src_blocks = [5, 9, 10, 11, 40, 2]
+    dst_blocks = dst.pool.allocate(len(src_blocks))
+    receiver = KVReceiver(dst)
+    receiver.expect("r1", dst_blocks)
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        acks = []
+
+        def serve() -> None:
+            while not acks:
+                ack = receiver.serve_once(router, timeout_ms=10000)
+                if ack is not None:
+                    acks.append(ack)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        sender = KVSender(src, f"ipc://{tmp}/kv", context=ctx)
+        sent = sender.send_request("r1", src_blocks, layers_per_chunk=layers_per_chunk)
+        ack = sender.wait_ack(10)
+        thread.join(10)
+        sender.close()
+        router.close(linger=0)
+        ctx.term()
+    assert ack.ok and ack.request_id == "r1" and ack.bytes == sent and ack.chunks == -(-4 // layers_per_chunk)
+    assert torch.equal(dst.gather(dst_blocks), src.gather(src_blocks))
+    assert "r1" not in receiver.incoming
+
+
+def chunk(cache: PagedKVCache, blocks: list[int], **changes) -> tuple[bytes, memoryview]:
+    data = cache.gather(blocks, layers=slice(0, 1))
+    payload = _as_bytes(data)
+    fields = dict(request_id="r", seq=0, layer_start=0, layer_end=1, block_offset=0, num_blocks=len(blocks),
+                  dtype="float32", shape=list(data.shape), checksum=checksum(payload), last=False)  # fmt: skip
+    fields.update(changes)
+    return msgspec.msgpack.encode(KVChunkHeader(**fields)), payload
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seq": 1}, "seq 1 arrived, expected 0"),
+        ({"dtype": "bfloat16"}, "dtype bfloat16 does not match"),
+        ({"checksum": 12345}, "checksum mismatch"),
+        ({"shape": [1, 2, 2, 2, 8, 8]}, "does not match this cache's layout"),
+        ({"layer_end": 9}, "outside 0..4"),
+        ({"block_offset": 2}, "exceed the 2 blocks reserved"),
+        ({"request_id": "other"}, "'other' is not expected"),
+        ({"v": 7}, "transfer version 7"),
+    ],
+)
+def test_bad_chunks_are_refused_and_end_the_request(changes: dict, message: str) -> None:
+    src = filled_cache()
+    dst = PagedKVCache(4, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    receiver.expect("r", dst.pool.allocate(2))
+    ack = receiver.handle(*chunk(src, [1, 2], **changes))
+    assert ack is not None and not ack.ok and message in ack.error
+    if changes.get("request_id") != "other":
+        assert "r" not in receiver.incoming  # the caller frees the blocks
+    assert dst.kv.abs().sum() == 0  # nothing was written
+
+
+def test_truncated_payload_and_missing_layers() -> None:
+    src = filled_cache()
+    dst = PagedKVCache(4, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    receiver.expect("r", dst.pool.allocate(2))
+    header, payload = chunk(src, [1, 2])
+    ack = receiver.handle(header, payload[:-4])
+    assert ack is not None and "payload has" in ack.error
+    receiver.expect("r", [0, 1])
+    ack = receiver.handle(*chunk(src, [1, 2], last=True))  # layer 0 only, yet marked last
+    assert ack is not None and not ack.ok and "layers [1, 2, 3] are missing" in ack.error
+    ack = receiver.handle(b"\x81\xa1x\x01", payload)
+    assert ack is not None and "bad chunk header" in ack.error
