@@ -22,11 +22,14 @@ def filled_cache(dtype: torch.dtype = torch.float32, blocks: int = 64, layers: i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layers_per_chunk", [1, 3])
-def test_request_kv_crosses_a_socket_intact(dtype: torch.dtype, layers_per_chunk: int) -> None:
+@pytest.mark.parametrize("scattered", [False, True])  # consecutive blocks: zero-copy slabs; else staged
+def test_request_kv_crosses_a_socket_intact(dtype: torch.dtype, layers_per_chunk: int, scattered: bool) -> None:
     src = filled_cache(dtype)
     dst = PagedKVCache(4, 80, 16, 2, 8, dtype=dtype)
-    src_blocks = [5, 9, 10, 11, 40, 2]
+    src_blocks = [5, 9, 10, 11, 40, 2] if scattered else [20, 21, 22, 23, 24, 25]
     dst_blocks = dst.pool.allocate(len(src_blocks))
+    if scattered:
+        dst_blocks = dst_blocks[::-1]
     receiver = KVReceiver(dst)
     receiver.expect("r1", dst_blocks)
     with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
@@ -55,13 +58,13 @@ def test_request_kv_crosses_a_socket_intact(dtype: torch.dtype, layers_per_chunk
     assert "r1" not in receiver.incoming
 
 
-def chunk(cache: PagedKVCache, blocks: list[int], **changes) -> tuple[bytes, memoryview]:
+def chunk(cache: PagedKVCache, blocks: list[int], **changes) -> tuple[bytes, list[memoryview]]:
     data = cache.gather(blocks, layers=slice(0, 1))
-    payload = _as_bytes(data)
+    slabs = [_as_bytes(data[0, kv, h].contiguous()) for kv in range(2) for h in range(data.shape[2])]
     fields = dict(request_id="r", seq=0, layer_start=0, layer_end=1, block_offset=0, num_blocks=len(blocks),
-                  dtype="float32", shape=list(data.shape), checksum=checksum(payload), last=False)  # fmt: skip
+                  dtype="float32", shape=list(data.shape), checksum=checksum(*slabs), last=False)  # fmt: skip
     fields.update(changes)
-    return msgspec.msgpack.encode(KVChunkHeader(**fields)), payload
+    return msgspec.msgpack.encode(KVChunkHeader(**fields)), slabs
 
 
 @pytest.mark.parametrize(
@@ -94,11 +97,14 @@ def test_truncated_payload_and_missing_layers() -> None:
     dst = PagedKVCache(4, 16, 16, 2, 8)
     receiver = KVReceiver(dst)
     receiver.expect("r", dst.pool.allocate(2))
-    header, payload = chunk(src, [1, 2])
-    ack = receiver.handle(header, payload[:-4])
-    assert ack is not None and "payload has" in ack.error
+    header, slabs = chunk(src, [1, 2])
+    ack = receiver.handle(header, [*slabs[:-1], slabs[-1][:-4]])
+    assert ack is not None and "slab has" in ack.error
+    receiver.expect("r", [0, 1])
+    ack = receiver.handle(header, slabs[:-1])
+    assert ack is not None and "slab frames" in ack.error
     receiver.expect("r", [0, 1])
     ack = receiver.handle(*chunk(src, [1, 2], last=True))  # layer 0 only, yet marked last
     assert ack is not None and not ack.ok and "layers [1, 2, 3] are missing" in ack.error
-    ack = receiver.handle(b"\x81\xa1x\x01", payload)
+    ack = receiver.handle(b"\x81\xa1x\x01", slabs)
     assert ack is not None and "bad chunk header" in ack.error

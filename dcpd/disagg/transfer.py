@@ -1,17 +1,22 @@
 """KV cache transfer between peers over ZeroMQ: zero-copy multipart frames, checked on arrival.
 
-One message per chunk (a layer range of a request's blocks), as two frames:
+One message per chunk (a layer range of a request's blocks):
 
-    [KVChunkHeader (msgpack), payload (raw bytes of a contiguous tensor)]
+    [KVChunkHeader (msgpack), slab, slab, ...]
 
-payload shape: [n_layers, 2, kv_heads, n_blocks, block_size, head_dim] in the
-cache's dtype (`PagedKVCache.gather` layout). The sender stages each chunk in
-a reused buffer (pinned host memory when the cache is on a GPU) and sends it
-with `copy=False` from a memoryview; a buffer is reused only after ZeroMQ has
-released it (MessageTracker). The receiver views the frame with
-`torch.frombuffer` (no copy) and scatters it into the blocks it reserved for the
-request. Chunks of a request must arrive in order (`seq`); each carries an
-xxh3-64 checksum of its payload. The last chunk is acknowledged with a KVAck.
+The payload is the chunk as [n_layers, 2, kv_heads, n_blocks, block_size,
+head_dim] in the cache's dtype (`PagedKVCache.gather` layout), sent as one frame
+per (layer, K/V, head) slab of n_blocks * block_size * head_dim elements. When
+the request's blocks are consecutive ids, each slab is a contiguous slice of the
+head-major cache and goes out with `copy=False` straight from the cache memory
+(the blocks are held until the receiver acknowledges, so ZeroMQ may read them
+until then). Otherwise the chunk is gathered into a reused staging buffer
+(pinned host memory when the cache is on a GPU), reused only once ZeroMQ has
+released it (MessageTracker). The receiver views each frame with
+`torch.frombuffer` (no copy) and copies it into the blocks it reserved: one
+slice copy per slab when those are consecutive too. Chunks of a request must
+arrive in order (`seq`); the header carries an xxh3-64 checksum over the slabs
+in order. The last chunk is acknowledged with a KVAck.
 """
 
 from __future__ import annotations
@@ -70,8 +75,16 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
-def checksum(buffer: memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(buffer)
+def checksum(*buffers: memoryview) -> int:
+    """xxh3-64 over the buffers in order (the same value as over their concatenation)."""
+    digest = xxhash.xxh3_64()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.intdigest()
+
+
+def consecutive(block_ids: list[int]) -> bool:
+    return all(b == block_ids[0] + i for i, b in enumerate(block_ids))
 
 
 # -- sending ----------------------------------------------------------------------------------------
@@ -115,24 +128,34 @@ class KVSender:
         self, request_id: str, seq: int, block_ids: list[int], *, layers: tuple[int, int], block_offset: int = 0,
         last: bool,
     ) -> int:  # fmt: skip
-        """Gather `block_ids` of layers [start, end) and send them as one chunk; returns the payload bytes."""
+        """Send blocks `block_ids` of layers [start, end) as one chunk; returns the payload bytes."""
         cache = self.cache
         start, end = layers
         shape = (end - start, 2, cache.num_kv_heads, len(block_ids), cache.block_size, cache.head_dim)
-        slot, staging = self._stage(shape)
-        cache.gather(block_ids, layers=slice(start, end), out=staging)
-        if cache.device.type == "cuda":
-            torch.cuda.current_stream(cache.device).synchronize()
-        payload = _as_bytes(staging)
+        slot = None
+        if consecutive(block_ids) and cache.device.type == "cpu":
+            first = block_ids[0]
+            chunk = cache.kv[start:end, :, :, first : first + len(block_ids)]  # a view: no copy
+        else:
+            slot, chunk = self._stage(shape)
+            cache.gather(block_ids, layers=slice(start, end), out=chunk)
+            if cache.device.type == "cuda":
+                torch.cuda.current_stream(cache.device).synchronize()
+        slabs = [_as_bytes(chunk[i, kv, h]) for i in range(shape[0]) for kv in range(2) for h in range(shape[2])]
         header = KVChunkHeader(
             request_id=request_id, seq=seq, layer_start=start, layer_end=end, block_offset=block_offset,
             num_blocks=len(block_ids), dtype=dtype_name(cache.dtype), shape=list(shape),
-            checksum=checksum(payload), last=last,
+            checksum=checksum(*slabs), last=last,
         )  # fmt: skip
-        tracker = self.socket.send_multipart([_header_encoder.encode(header), payload], copy=False, track=True)
-        self._staging[slot] = (self._staging[slot][0], tracker)
-        self.bytes_sent += payload.nbytes
-        return payload.nbytes
+        frames = [_header_encoder.encode(header), *slabs]
+        if slot is None:
+            self.socket.send_multipart(frames, copy=False)
+        else:
+            tracker = self.socket.send_multipart(frames, copy=False, track=True)
+            self._staging[slot] = (self._staging[slot][0], tracker)
+        nbytes = sum(slab.nbytes for slab in slabs)
+        self.bytes_sent += nbytes
+        return nbytes
 
     def send_request(self, request_id: str, block_ids: list[int], *, layers_per_chunk: int = 1) -> int:
         """Stream every layer of a request's blocks, `layers_per_chunk` layers per message."""
@@ -184,31 +207,30 @@ class KVReceiver:
         c = self.cache
         return [header.layer_end - header.layer_start, 2, c.num_kv_heads, header.num_blocks, c.block_size, c.head_dim]
 
-    def handle(self, header_frame: bytes | memoryview, payload: memoryview) -> KVAck | None:
+    def handle(self, header_frame: bytes | memoryview, slabs: list[memoryview]) -> KVAck | None:
         """Validate and store one chunk. Returns the ack after the last chunk (or a failed ack); else None.
 
         A failed chunk ends the request on this side: it is forgotten, and the caller frees its blocks.
         """
         try:
             header = _header_decoder.decode(header_frame)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return KVAck(request_id="", ok=False, chunks=0, bytes=0, error=f"bad chunk header: {exc}")
         rid = header.request_id
         state = self.incoming.get(rid)
         if state is None:
             return KVAck(request_id=rid, ok=False, chunks=0, bytes=0, error=f"request {rid!r} is not expected here")
         try:
-            self._check(header, state, payload)
+            self._check(header, state, slabs)
         except TransferError as exc:
             del self.incoming[rid]
             return KVAck(request_id=rid, ok=False, chunks=header.seq, bytes=state.bytes, error=str(exc))
-        data = torch.frombuffer(payload, dtype=self.cache.dtype).view(header.shape)  # no copy
-        blocks = state.block_ids[header.block_offset : header.block_offset + header.num_blocks]
-        self.cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
+        self._store(header, state, slabs)
+        nbytes = sum(slab.nbytes for slab in slabs)
         state.next_seq += 1
-        state.bytes += payload.nbytes
+        state.bytes += nbytes
         state.layers_done.update(range(header.layer_start, header.layer_end))
-        self.bytes_received += payload.nbytes
+        self.bytes_received += nbytes
         if not header.last:
             return None
         del self.incoming[rid]
@@ -218,7 +240,21 @@ class KVReceiver:
                          error=f"last chunk arrived but layers {missing[:8]} are missing")  # fmt: skip
         return KVAck(request_id=rid, ok=True, chunks=state.next_seq, bytes=state.bytes)
 
-    def _check(self, header: KVChunkHeader, state: Incoming, payload: memoryview) -> None:
+    def _store(self, header: KVChunkHeader, state: Incoming, slabs: list[memoryview]) -> None:
+        cache = self.cache
+        blocks = state.block_ids[header.block_offset : header.block_offset + header.num_blocks]
+        heads = header.shape[2]
+        slab_shape = header.shape[3:]
+        views = [torch.frombuffer(slab, dtype=cache.dtype).view(slab_shape) for slab in slabs]  # no copies
+        if consecutive(blocks) and cache.device.type == "cpu":
+            dst = cache.kv[header.layer_start : header.layer_end, :, :, blocks[0] : blocks[0] + len(blocks)]
+            for i, view in enumerate(views):
+                dst[i // (2 * heads), (i // heads) % 2, i % heads].copy_(view)
+            return
+        data = torch.stack(views).view(header.shape)
+        cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
+
+    def _check(self, header: KVChunkHeader, state: Incoming, slabs: list[memoryview]) -> None:
         cache = self.cache
         if header.v != TRANSFER_VERSION:
             raise TransferError(f"transfer version {header.v} is not supported (this peer speaks {TRANSFER_VERSION})")
@@ -238,12 +274,14 @@ class KVReceiver:
         expected = self._expected_shape(header)
         if header.shape != expected:
             raise TransferError(f"chunk shape {header.shape} does not match this cache's layout {expected}")
-        nbytes = cache.kv.element_size()
-        for n in expected:
-            nbytes *= n
-        if payload.nbytes != nbytes:
-            raise TransferError(f"chunk payload has {payload.nbytes} bytes, its shape implies {nbytes}")
-        if checksum(payload) != header.checksum:
+        num_slabs = expected[0] * 2 * expected[2]
+        if len(slabs) != num_slabs:
+            raise TransferError(f"chunk has {len(slabs)} slab frames, its shape implies {num_slabs}")
+        slab_bytes = cache.kv.element_size() * expected[3] * expected[4] * expected[5]
+        for slab in slabs:
+            if slab.nbytes != slab_bytes:
+                raise TransferError(f"chunk slab has {slab.nbytes} bytes, its shape implies {slab_bytes}")
+        if checksum(*slabs) != header.checksum:
             raise TransferError("chunk checksum mismatch: the payload was corrupted")
 
     def serve_once(self, socket: zmq.Socket, timeout_ms: int = -1) -> KVAck | None:
@@ -252,10 +290,16 @@ class KVReceiver:
             return None
         frames = socket.recv_multipart(copy=False)
         identity = frames[0].bytes
-        if len(frames) != 3:
-            ack = KVAck(request_id="", ok=False, chunks=0, bytes=0, error=f"expected 2 frames, got {len(frames) - 1}")
+        if len(frames) < 3:
+            ack = KVAck(
+                request_id="",
+                ok=False,
+                chunks=0,
+                bytes=0,
+                error=f"expected header + slabs, got {len(frames) - 1} frames",
+            )
         else:
-            ack = self.handle(frames[1].buffer, frames[2].buffer)
+            ack = self.handle(frames[1].buffer, [frame.buffer for frame in frames[2:]])
         if ack is not None:
             socket.send_multipart([identity, _header_encoder.encode(ack)])
         return ack
