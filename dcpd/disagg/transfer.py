@@ -244,13 +244,14 @@ class KVReceiver:
         cache = self.cache
         blocks = state.block_ids[header.block_offset : header.block_offset + header.num_blocks]
         heads = header.shape[2]
-        slab_shape = header.shape[3:]
-        views = [torch.frombuffer(slab, dtype=cache.dtype).view(slab_shape) for slab in slabs]  # no copies
         if consecutive(blocks) and cache.device.type == "cpu":
+            # Each slab lands in a contiguous slice of the head-major cache: a plain single-threaded
+            # memcpy (a multi-threaded torch copy would fight ZeroMQ's I/O thread for the cores).
             dst = cache.kv[header.layer_start : header.layer_end, :, :, blocks[0] : blocks[0] + len(blocks)]
-            for i, view in enumerate(views):
-                dst[i // (2 * heads), (i // heads) % 2, i % heads].copy_(view)
+            for i, slab in enumerate(slabs):
+                _as_bytes(dst[i // (2 * heads), (i // heads) % 2, i % heads])[:] = slab
             return
+        views = [torch.frombuffer(slab, dtype=cache.dtype) for slab in slabs]  # no copies
         data = torch.stack(views).view(header.shape)
         cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
 
