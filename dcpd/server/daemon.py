@@ -288,8 +288,12 @@ class Daemon:
         """Between steps only: hand queued requests and aborts to the engine."""
         adds, self.pending_adds = self.pending_adds, []
         for request, prompt, params in adds:
-            if request.key in self.inflight:  # not aborted meanwhile
+            if request.key not in self.inflight:  # aborted meanwhile
+                continue
+            try:
                 self.engine.add_request(prompt, params, request_id=request.key)
+            except RequestError as exc:  # validated on arrival; only a bug gets here, and only this request fails
+                self._finish(request, "error", error=str(exc), error_code="internal")
         aborts, self.pending_aborts = self.pending_aborts, []
         for key, code in aborts:
             request = self.inflight.get(key)
