@@ -70,17 +70,28 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest step
+        self.held_kv: dict[str, list[int]] = {}  # prefill side: finished requests' blocks awaiting transfer
+        self.reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for KV on its way
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        hold_kv: bool = False,
     ) -> str:
-        """Queue a request; raises RequestError (and queues nothing) for invalid input."""
+        """Queue a request; raises RequestError (and queues nothing) for invalid input.
+
+        `hold_kv` (a prefill peer): when the request finishes normally its KV blocks stay
+        allocated, listed in `held_kv`, until `release_held()` (after the transfer is acknowledged).
+        """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         prompt = self.validate_request(prompt_token_ids, params)
-        request = Request(request_id, prompt, params)
+        request = Request(request_id, prompt, params, hold_kv=hold_kv)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -125,8 +136,68 @@ class LLMEngine:
         if request is not None and request.is_finished:
             del self.requests[request_id]
 
+    # -- disaggregation: holding KV on the prefill side, reserving and adopting it on the decode side
+    def release_held(self, request_id: str) -> None:
+        """Free the KV blocks a finished `hold_kv` request kept (transfer acknowledged or lease expired)."""
+        blocks = self.held_kv.pop(request_id, None)
+        if blocks:
+            self.kv_cache.pool.free(blocks)
+
+    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int]:
+        """Reserve blocks for `num_tokens` tokens of KV arriving from a prefill peer.
+
+        Raises KVCacheExhausted (nothing reserved) when they are not available beyond the reserve:
+        a full decode peer refuses up front.
+        """
+        if request_id in self.reserved or request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        blocks = self.kv_cache.pool.allocate(self.block_manager.blocks_for(num_tokens))
+        self.reserved[request_id] = blocks
+        return blocks
+
+    def cancel_reservation(self, request_id: str) -> None:
+        blocks = self.reserved.pop(request_id, None)
+        if blocks:
+            self.kv_cache.pool.free(blocks)
+
+    def add_prefilled_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams
+    ) -> list[RequestOutput]:
+        """Adopt a request whose prompt KV arrived into its reserved blocks; it continues with decode.
+
+        Returns the output for the first token when that already finishes the request.
+        """
+        if request_id not in self.reserved:
+            raise RequestError(f"request {request_id!r} has no reserved blocks")
+        try:
+            prompt = self.validate_request(prompt_token_ids, params)
+        except RequestError:
+            self.cancel_reservation(request_id)
+            raise
+        blocks = self.reserved.pop(request_id)
+        if len(blocks) < self.block_manager.blocks_for(len(prompt)):
+            self.kv_cache.pool.free(blocks)
+            raise RequestError(
+                f"request {request_id!r}: {len(blocks)} reserved blocks cannot hold {len(prompt)} tokens"
+            )
+        request = Request(request_id, prompt, params, block_ids=blocks, num_computed_tokens=len(prompt))
+        request.token_ids.append(first_token)
+        request.first_token_time = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        self.requests[request_id] = request
+        self.scheduler.running.append(request)
+        reason = self._stop_reason(request, first_token)
+        if reason is None:
+            return []
+        self._finish(request, reason)
+        return [RequestOutput(request_id, [], True, reason)]
+
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
-        self.scheduler.remove(request)
+        keep = request.hold_kv and reason in (FinishReason.STOP, FinishReason.LENGTH)
+        self.scheduler.remove(request, release=not keep)
+        if keep:
+            self.held_kv[request.request_id] = request.block_ids
+            request.block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.error = error

@@ -69,6 +69,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = None
+    hold_kv: bool = False  # prefill peer: keep the KV blocks after finishing, until released after transfer
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -55,13 +55,14 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def remove(self, request: Request) -> None:
-        """Take a request out of the queues and free its blocks (finish or abort)."""
+    def remove(self, request: Request, *, release: bool = True) -> None:
+        """Take a request out of the queues and (unless told to keep them) free its blocks."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.blocks.release(request)
+        if release:
+            self.blocks.release(request)
 
     @property
     def has_work(self) -> bool:

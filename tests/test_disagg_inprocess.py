@@ -1,0 +1,111 @@
+"""Disaggregation in one process: the prefill engine's KV crosses a real socket into blocks the decode
+engine reserved, and decode continues token-identically to a unified run; every block comes back."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+import pytest
+import torch
+import zmq
+
+from dcpd.disagg.transfer import KVReceiver, KVSender
+from dcpd.engine import LLMEngine, RequestError, SamplingParams
+from dcpd.kv.block_pool import KVCacheExhausted
+from dcpd.model.default import build_default_model
+
+MODEL = build_default_model()
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(3)
+    return [[rng.randrange(256) for _ in range(n)] for n in (1, 15, 16, 17, 100, 250)]
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+@pytest.fixture
+def link():
+    with tempfile.TemporaryDirectory(prefix="dpd", dir="/tmp") as tmp:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        yield ctx, router, f"ipc://{tmp}/kv"
+        router.close(linger=0)
+        ctx.term()
+
+
+def transfer(prefill: LLMEngine, decode: LLMEngine, link, rid: str, prompt: list[int], corrupt: bool = False):
+    """Prefill -> first token -> reserve on decode -> push KV -> ack -> adopt. Returns the ack."""
+    ctx, router, endpoint = link
+    prefill.add_request(prompt, FIRST_TOKEN, request_id=rid, hold_kv=True)
+    drain(prefill)
+    first = prefill.requests[rid].output_token_ids[0]
+    held = prefill.held_kv[rid]
+    reserved = decode.reserve_blocks(rid, len(prompt))
+    receiver = KVReceiver(decode.kv_cache)
+    receiver.expect(rid, reserved)
+    sender = KVSender(prefill.kv_cache, endpoint, context=ctx)
+    if corrupt:
+        sender.send_chunk(rid, 5, held, layers=(0, 1), last=False)  # out of order: refused
+    else:
+        sender.send_request(rid, held, layers_per_chunk=2)
+    ack = None
+    while ack is None:
+        ack = receiver.serve_once(router, timeout_ms=10000)
+    sender.wait_ack(10)
+    sender.close()
+    prefill.release_held(rid)  # acknowledged (or failed): the prefill side lets go either way
+    if ack.ok:
+        decode.add_prefilled_request(rid, prompt, first, GREEDY)
+    else:
+        decode.cancel_reservation(rid)
+    return ack
+
+
+def test_prefill_transfer_decode_equals_unified(link) -> None:
+    unified = LLMEngine(MODEL).generate(prompts(), GREEDY)
+    prefill, decode = LLMEngine(MODEL), LLMEngine(MODEL)
+    for i, prompt in enumerate(prompts()):
+        assert transfer(prefill, decode, link, f"r{i}", prompt).ok
+    drain(decode)
+    for i, want in enumerate(unified):
+        got = decode.requests[f"r{i}"]
+        assert got.output_token_ids == want.token_ids and got.finish_reason.value == "length"
+    for engine in (prefill, decode):
+        assert engine.kv_cache.pool.num_free == engine.kv_cache.num_blocks
+        assert not engine.held_kv and not engine.reserved
+
+
+def test_failed_transfer_frees_both_sides(link) -> None:
+    prefill, decode = LLMEngine(MODEL), LLMEngine(MODEL)
+    ack = transfer(prefill, decode, link, "bad", prompts()[4], corrupt=True)
+    assert not ack.ok and "seq 5 arrived, expected 0" in ack.error
+    assert "bad" not in decode.requests
+    for engine in (prefill, decode):
+        assert engine.kv_cache.pool.num_free == engine.kv_cache.num_blocks
+
+
+def test_a_full_decode_peer_refuses_up_front() -> None:
+    from dcpd.batch import DCPPlanConfig
+    from dcpd.kv.cache import PagedKVCache
+
+    cfg = MODEL.config
+    block = PagedKVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    decode = LLMEngine(MODEL, DCPPlanConfig(kv_cache_bytes=10 * block, kv_reserve_fraction=0.0))
+    decode.reserve_blocks("a", 16 * 8)
+    with pytest.raises(KVCacheExhausted):
+        decode.reserve_blocks("b", 16 * 4)
+    assert decode.kv_cache.pool.num_used == 8  # nothing allocated for "b"
+    with pytest.raises(RequestError, match="already in use"):
+        decode.reserve_blocks("a", 16)
+    with pytest.raises(RequestError, match="no reserved blocks"):
+        decode.add_prefilled_request("zzz", [1, 2], 3, GREEDY)
+    decode.cancel_reservation("a")
+    assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
