@@ -92,6 +92,17 @@ def test_failed_transfer_frees_both_sides(link) -> None:
         assert engine.kv_cache.pool.num_free == engine.kv_cache.num_blocks
 
 
+def test_held_kv_is_released_when_its_lease_expires() -> None:
+    prefill = LLMEngine(MODEL)
+    prefill.add_request(prompts()[4], FIRST_TOKEN, request_id="x", hold_kv=True)
+    prefill.add_request(prompts()[1], FIRST_TOKEN, request_id="y", hold_kv=True)
+    drain(prefill)
+    assert set(prefill.held_kv) == {"x", "y"} and prefill.kv_cache.pool.num_used > 0
+    assert prefill.expire_held(30.0) == []  # still within the lease
+    assert sorted(prefill.expire_held(30.0, now=prefill.held_since["x"] + 31)) == ["x", "y"]
+    assert prefill.kv_cache.pool.num_free == prefill.kv_cache.num_blocks and not prefill.held_since
+
+
 def test_a_full_decode_peer_refuses_up_front() -> None:
     from dcpd.batch import DCPPlanConfig
     from dcpd.kv.cache import PagedKVCache

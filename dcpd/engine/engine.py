@@ -71,6 +71,7 @@ class LLMEngine:
         self.num_steps = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest step
         self.held_kv: dict[str, list[int]] = {}  # prefill side: finished requests' blocks awaiting transfer
+        self.held_since: dict[str, float] = {}  # when each held_kv entry started (for lease expiry)
         self.reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for KV on its way
 
     # -- requests -------------------------------------------------------------------------------
@@ -140,8 +141,17 @@ class LLMEngine:
     def release_held(self, request_id: str) -> None:
         """Free the KV blocks a finished `hold_kv` request kept (transfer acknowledged or lease expired)."""
         blocks = self.held_kv.pop(request_id, None)
+        self.held_since.pop(request_id, None)
         if blocks:
             self.kv_cache.pool.free(blocks)
+
+    def expire_held(self, lease_s: float, now: float | None = None) -> list[str]:
+        """Release held KV whose transfer was not acknowledged within the lease; returns their ids."""
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, since in self.held_since.items() if now - since > lease_s]
+        for rid in expired:
+            self.release_held(rid)
+        return expired
 
     def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int]:
         """Reserve blocks for `num_tokens` tokens of KV arriving from a prefill peer.
@@ -197,6 +207,7 @@ class LLMEngine:
         self.scheduler.remove(request, release=not keep)
         if keep:
             self.held_kv[request.request_id] = request.block_ids
+            self.held_since[request.request_id] = time.monotonic()
             request.block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
