@@ -239,7 +239,7 @@ class ExecutionPlan:
       block_table      [B, max_blocks]  padded with -1
       seq_lens / context_lens / query_lens [B]  global lengths
       local_seq_lens / local_context_lens  [B]  this DCP rank's share
-    Host side (no device sync in run()): the same lengths as tuples, the block runs,
+    Host side (no device sync in run()): the query start offsets, the block runs,
     and for DCP prefill which requests' causal new-token block this rank computes.
     """
 
@@ -266,8 +266,6 @@ class ExecutionPlan:
     local_context_lens: torch.Tensor
     # host-side mirrors
     query_start_loc_host: tuple[int, ...]
-    local_context_lens_host: tuple[int, ...]
-    local_seq_lens_host: tuple[int, ...]
     runs: tuple[RequestRuns, ...]
     computes_new_block: tuple[bool, ...]
     writes_all_tokens: bool  # every new token is stored on this rank (dcp_size == 1)

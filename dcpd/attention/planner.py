@@ -157,8 +157,6 @@ def build_plan(
         local_seq_lens=dev(local_seq_t),
         local_context_lens=dev(torch.tensor(local_ctx, dtype=torch.long)),
         query_start_loc_host=metadata.query_start_loc,
-        local_context_lens_host=tuple(local_ctx),
-        local_seq_lens_host=tuple(local_seq),
         runs=tuple(runs),
         # DCP prefill: the causal block over a request's new tokens is computed by exactly
         # one rank (round-robin by batch index) so that the N-way LSE merge counts it once.

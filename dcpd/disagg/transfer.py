@@ -21,7 +21,6 @@ in order. The last chunk is acknowledged with a KVAck.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -182,7 +181,6 @@ class Incoming:
     next_seq: int = 0
     bytes: int = 0
     layers_done: set[int] = field(default_factory=set)
-    started: float = field(default_factory=time.monotonic)
 
 
 class KVReceiver:
