@@ -26,7 +26,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class ServerConfig(_Section):
-    role: Literal["unified"] = "unified"
+    role: Literal["unified", "prefill", "decode", "router"] = "unified"
     frontend: str = "tcp://127.0.0.1:5557"  # ZMQ ROUTER endpoint clients connect to (tcp:// or ipc://)
     max_inflight: int = 1024  # requests in flight, all clients
     max_inflight_per_client: int = 64  # requests in flight per client identity
@@ -34,6 +34,22 @@ class ServerConfig(_Section):
     send_hwm: int = 10000  # ZMQ high-water marks (messages queued per peer)
     recv_hwm: int = 10000
     drain_timeout_s: float = 30.0  # on SIGTERM: time given to in-flight requests before they are aborted
+
+
+class DisaggSection(_Section):
+    """Prefill/decode disaggregation: how peers find the router, move KV, and time out."""
+
+    router_endpoint: str = "tcp://127.0.0.1:5558"  # the router binds it; prefill and decode peers connect
+    kv_endpoint: str = "tcp://127.0.0.1:5559"  # a decode peer binds it; prefill peers push KV to it
+    peer_name: str = ""  # a peer's name at the router; empty = ROLE-HOST-PID
+    heartbeat_interval_s: float = 0.5  # peer -> router heartbeats (with load) and router -> peer replies
+    peer_timeout_s: float = 5.0  # silence after which the router drops a peer, or a peer its router
+    reserve_timeout_s: float = 10.0  # router: a decode peer's answer to a reservation
+    prefill_timeout_s: float = 120.0  # router: prefill + KV transfer of one request, from dispatch to ack
+    kv_timeout_s: float = 120.0  # decode: reserved blocks wait this long for their KV, then are freed
+    kv_lease_s: float = 120.0  # prefill: KV held for an unacknowledged transfer is freed after this
+    queue_timeout_s: float = 60.0  # router: a request waits this long for a decode peer with free blocks
+    max_attempts: int = 3  # router: tries per request (a new pair after a peer fails before any token)
 
 
 class ModelSection(_Section):
@@ -69,6 +85,7 @@ class Config(_Section):
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
     logging: LoggingSection = msgspec.field(default_factory=LoggingSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    disagg: DisaggSection = msgspec.field(default_factory=DisaggSection)
 
 
 def _parse_value(text: str) -> Any:
@@ -105,8 +122,26 @@ def _check_values(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} = {value}: must be >= 1")
-    if not config.server.frontend.startswith(("tcp://", "ipc://")):
-        raise ConfigError(f"server.frontend = {config.server.frontend!r}: must start with tcp:// or ipc://")
+    endpoints = {
+        "server.frontend": config.server.frontend,
+        "disagg.router_endpoint": config.disagg.router_endpoint,
+        "disagg.kv_endpoint": config.disagg.kv_endpoint,
+    }
+    for key, value in endpoints.items():
+        if not value.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"{key} = {value!r}: must start with tcp:// or ipc://")
+    d = config.disagg
+    for key in ("heartbeat_interval_s", "peer_timeout_s", "reserve_timeout_s", "prefill_timeout_s", "kv_timeout_s",
+                "kv_lease_s", "queue_timeout_s"):  # fmt: skip
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be > 0")
+    if d.peer_timeout_s <= 2 * d.heartbeat_interval_s:
+        raise ConfigError(
+            f"disagg.peer_timeout_s = {d.peer_timeout_s}: must exceed two heartbeat intervals "
+            f"({2 * d.heartbeat_interval_s} s)"
+        )
+    if d.max_attempts < 1:
+        raise ConfigError(f"disagg.max_attempts = {d.max_attempts}: must be >= 1")
     if config.server.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s = {config.server.drain_timeout_s}: must be >= 0")
     if not 0 <= config.metrics.port < 65536:

@@ -105,6 +105,6 @@ def test_truncated_payload_and_missing_layers() -> None:
     assert ack is not None and "slab frames" in ack.error
     receiver.expect("r", [0, 1])
     ack = receiver.handle(*chunk(src, [1, 2], last=True))  # layer 0 only, yet marked last
-    assert ack is not None and not ack.ok and "layers [1, 2, 3] are missing" in ack.error
+    assert ack is not None and not ack.ok and "6 (layer, block) pairs are missing, from layer 1 block 0" in ack.error
     ack = receiver.handle(b"\x81\xa1x\x01", slabs)
     assert ack is not None and "bad chunk header" in ack.error

@@ -21,16 +21,17 @@ in order. The last chunk is acknowledged with a KVAck.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 import torch
 import xxhash
 import zmq
 
 from dcpd.kv.cache import PagedKVCache
 
-TRANSFER_VERSION = 1
+TRANSFER_VERSION = 2
 STAGING_BUFFERS = 3  # chunks in flight per sender before it waits for ZeroMQ to release one
 
 
@@ -45,7 +46,8 @@ class KVChunkHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
     shape: list[int]
     checksum: int  # xxh3-64 of the payload bytes
-    last: bool  # the request's final chunk
+    last: bool  # the request's final chunk: every (layer, block) must have arrived by now
+    first_token: int | None = None  # on the last chunk: the token the prefill peer sampled
 
 
 class KVAck(msgspec.Struct, kw_only=True):
@@ -54,6 +56,7 @@ class KVAck(msgspec.Struct, kw_only=True):
     chunks: int
     bytes: int
     error: str | None = None
+    first_token: int | None = None  # echoed from the last chunk
 
 
 class TransferError(ValueError):
@@ -125,7 +128,7 @@ class KVSender:
 
     def send_chunk(
         self, request_id: str, seq: int, block_ids: list[int], *, layers: tuple[int, int], block_offset: int = 0,
-        last: bool,
+        last: bool, first_token: int | None = None,
     ) -> int:  # fmt: skip
         """Send blocks `block_ids` of layers [start, end) as one chunk; returns the payload bytes."""
         cache = self.cache
@@ -144,7 +147,7 @@ class KVSender:
         header = KVChunkHeader(
             request_id=request_id, seq=seq, layer_start=start, layer_end=end, block_offset=block_offset,
             num_blocks=len(block_ids), dtype=dtype_name(cache.dtype), shape=list(shape),
-            checksum=checksum(*slabs), last=last,
+            checksum=checksum(*slabs), last=last, first_token=first_token,
         )  # fmt: skip
         frames = [_header_encoder.encode(header), *slabs]
         if slot is None:
@@ -156,15 +159,27 @@ class KVSender:
         self.bytes_sent += nbytes
         return nbytes
 
-    def send_request(self, request_id: str, block_ids: list[int], *, layers_per_chunk: int = 1) -> int:
+    def send_request(
+        self, request_id: str, block_ids: list[int], *, layers_per_chunk: int = 1, first_token: int | None = None
+    ) -> int:
         """Stream every layer of a request's blocks, `layers_per_chunk` layers per message."""
         total, seq = 0, 0
         num_layers = self.cache.num_layers
         for start in range(0, num_layers, layers_per_chunk):
             end = min(start + layers_per_chunk, num_layers)
-            total += self.send_chunk(request_id, seq, block_ids, layers=(start, end), last=end == num_layers)
+            last = end == num_layers
+            total += self.send_chunk(
+                request_id, seq, block_ids, layers=(start, end), last=last, first_token=first_token if last else None
+            )
             seq += 1
         return total
+
+    def poll_ack(self) -> KVAck | None:
+        """An acknowledgment that has already arrived, or None (never blocks)."""
+        try:
+            return _ack_decoder.decode(self.socket.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return None
 
     def wait_ack(self, timeout_s: float) -> KVAck:
         if not self.socket.poll(int(timeout_s * 1000)):
@@ -175,12 +190,12 @@ class KVSender:
 # -- receiving --------------------------------------------------------------------------------------
 @dataclass
 class Incoming:
-    """A request the receiver has reserved blocks for."""
+    """A request the receiver has reserved blocks for, and which (layer, block) pairs have arrived."""
 
     block_ids: list[int]
+    covered: np.ndarray  # bool [num_layers, num_blocks]
     next_seq: int = 0
     bytes: int = 0
-    layers_done: set[int] = field(default_factory=set)
 
 
 class KVReceiver:
@@ -196,7 +211,8 @@ class KVReceiver:
         """Register the blocks reserved for a request before its KV arrives."""
         if request_id in self.incoming:
             raise TransferError(f"request {request_id!r} is already expected")
-        self.incoming[request_id] = Incoming(list(block_ids))
+        covered = np.zeros((self.cache.num_layers, len(block_ids)), dtype=bool)
+        self.incoming[request_id] = Incoming(list(block_ids), covered)
 
     def cancel(self, request_id: str) -> None:
         self.incoming.pop(request_id, None)
@@ -227,16 +243,18 @@ class KVReceiver:
         nbytes = sum(slab.nbytes for slab in slabs)
         state.next_seq += 1
         state.bytes += nbytes
-        state.layers_done.update(range(header.layer_start, header.layer_end))
+        offset = header.block_offset
+        state.covered[header.layer_start : header.layer_end, offset : offset + header.num_blocks] = True
         self.bytes_received += nbytes
         if not header.last:
             return None
         del self.incoming[rid]
-        if len(state.layers_done) != self.cache.num_layers:
-            missing = sorted(set(range(self.cache.num_layers)) - state.layers_done)
+        if not state.covered.all():
+            layers, blocks = np.nonzero(~state.covered)
             return KVAck(request_id=rid, ok=False, chunks=state.next_seq, bytes=state.bytes,
-                         error=f"last chunk arrived but layers {missing[:8]} are missing")  # fmt: skip
-        return KVAck(request_id=rid, ok=True, chunks=state.next_seq, bytes=state.bytes)
+                         error=f"last chunk arrived but {layers.size} (layer, block) pairs are missing, "
+                               f"from layer {layers[0]} block {blocks[0]}")  # fmt: skip
+        return KVAck(request_id=rid, ok=True, chunks=state.next_seq, bytes=state.bytes, first_token=header.first_token)
 
     def _store(self, header: KVChunkHeader, state: Incoming, slabs: list[memoryview]) -> None:
         cache = self.cache

@@ -57,7 +57,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return uvloop.run(daemon.serve(demo=args.demo))
+    return uvloop.run(daemon.serve([daemon.demo_request()] if args.demo else None))
 
 
 def check_config(args: argparse.Namespace) -> int:
