@@ -46,6 +46,19 @@ class PeerLayout(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             dtype=dtype_name(cache.dtype),
         )
 
+    @classmethod
+    def expected(cls, config: ModelConfig, *, block_size: int, dtype: str) -> PeerLayout:
+        """The layout a peer serving `config` with this block size and dtype describes (the router's check)."""
+        return cls(
+            model_fingerprint=model_fingerprint(config),
+            architecture=config.architecture,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            block_size=block_size,
+            dtype=dtype,
+        )
+
 
 def model_fingerprint(config: ModelConfig) -> str:
     """A stable hash of every hyper-parameter: two checkpoints of one model family and size agree."""

@@ -180,3 +180,24 @@ def load_model_dir(
         eos = _read_json(gen_path).get("eos_token_id")
         stop |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return LoadedModel(model, config, tokenizer, tuple(sorted(stop)), str(path))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model without its weights: what a router needs to tokenize and check requests."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: str
+
+
+def load_model_spec(model_dir: str | Path | None) -> ModelSpec:
+    if model_dir is None:
+        from dcpd.model.default import default_config
+        from dcpd.model.tokenizer import ByteTokenizer
+
+        return ModelSpec(default_config(), ByteTokenizer(), "embedded-default")
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    return ModelSpec(ModelConfig.from_hf_dict(_read_json(path / "config.json")), load_tokenizer(path), str(path))

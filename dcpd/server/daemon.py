@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,6 +25,7 @@ from dcpd.model.loader import LoadedModel
 from dcpd.server.frontend import ClientRequest, Frontend
 
 log = structlog.get_logger("dcpd.daemon")
+T = TypeVar("T")
 
 
 def plan_config(eng: EngineSection) -> DCPPlanConfig:
@@ -42,7 +45,7 @@ class EngineService:
         self.engine = LLMEngine(loaded, plan_config(config.engine), seed=config.engine.seed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcpd-step")
 
-    async def run_in_step_thread(self, fn, *args):  # noqa: ANN001, ANN201 (any callable)
+    async def run_in_step_thread(self, fn: Callable[..., T], *args: object) -> T:
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
 
@@ -56,7 +59,7 @@ class Daemon(Frontend):
         self.pending_aborts: list[tuple[str, str | None]] = []  # (key, error code or None)
         self.work = asyncio.Event()
 
-    def tasks(self):  # noqa: ANN201
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
         return [self.receive_loop(), self._engine_loop()]
 
     def describe(self) -> dict[str, object]:

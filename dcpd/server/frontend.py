@@ -8,6 +8,7 @@ exactly one `Finished` or `Error`, sent by `finish()`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class Frontend(Service):
         else:
             future.add_done_callback(lambda f: self._sent(identity, f))
 
-    def _sent(self, identity: bytes, future) -> None:  # noqa: ANN001 (an asyncio or concurrent future)
+    def _sent(self, identity: bytes, future: asyncio.Future) -> None:
         exc = None if future.cancelled() else future.exception()
         if exc is None:
             return

@@ -13,7 +13,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (default: built-in defaults)")
     parser.add_argument("--model", help="model directory (overrides model.path)")
     parser.add_argument("--frontend", help="ZMQ endpoint to bind (overrides server.frontend)")
-    parser.add_argument("--role", choices=["unified"], help="daemon role (overrides server.role)")
+    parser.add_argument(
+        "--role", choices=["unified", "prefill", "decode", "router"], help="daemon role (overrides server.role)"
+    )
     parser.add_argument(
         "--demo", action="store_true", help="once serving, answer a demo request from a client and log it"
     )
@@ -47,17 +49,33 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
+    role = config.server.role
     try:
-        loaded = load(config.model.path or None, config.model.dtype, config.model.device)
+        if role == "router":
+            from dcpd.disagg.router import Router
+            from dcpd.model.loader import load_model_spec
+
+            daemon = Router(config, load_model_spec(config.model.path or None))
+        else:
+            loaded = load(config.model.path or None, config.model.dtype, config.model.device)
+            if role == "prefill":
+                from dcpd.disagg.prefill import PrefillPeer
+
+                daemon = PrefillPeer(config, loaded)
+            elif role == "decode":
+                from dcpd.disagg.decode import DecodePeer
+
+                daemon = DecodePeer(config, loaded)
+            else:
+                daemon = Daemon(config, loaded)
     except ModelLoadError as exc:
         print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
         return EX_CONFIG
-    try:
-        daemon = Daemon(config, loaded)
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return uvloop.run(daemon.serve([daemon.demo_request()] if args.demo else None))
+    demo = [daemon.demo_request()] if args.demo and role == "unified" else None
+    return uvloop.run(daemon.serve(demo))
 
 
 def check_config(args: argparse.Namespace) -> int:

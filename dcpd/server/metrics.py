@@ -26,6 +26,18 @@ class Metrics:
         self.tokens_out = Counter("dcpd_generation_tokens", "Tokens generated", registry=r)
         self.steps = Counter("dcpd_engine_steps", "Engine steps run", registry=r)
         self.preemptions = Counter("dcpd_preemptions", "Requests preempted for KV blocks", registry=r)
+        # disaggregation (prefill peers: transfers; router: states, stages, peers, retries)
+        self.transfer_bytes = Counter("dcpd_kv_transfer_bytes", "KV bytes pushed to decode peers", registry=r)
+        self.transfer_seconds = Histogram(
+            "dcpd_kv_transfer_seconds", "KV push time, first chunk sent to ack", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.transfer_failures = Counter("dcpd_kv_transfer_failures", "KV transfers that failed", registry=r)
+        self.request_states = Gauge("dcpd_requests_in_state", "Requests in each routing state", ["state"], registry=r)
+        self.stage_seconds = Histogram(
+            "dcpd_stage_seconds", "Time spent in each routing stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.peers = Gauge("dcpd_peers", "Registered peers by role", ["role"], registry=r)
+        self.retries = Counter("dcpd_request_retries", "Requests retried on another peer pair", ["why"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter in a background thread; return the bound port."""

@@ -107,6 +107,8 @@ ERROR_CODES = {
     "draining": "the server is shutting down and admits no new requests",
     "aborted": "the request was aborted by the server (shutdown drain budget exceeded)",
     "internal": "the server failed while computing the request",
+    "unavailable": "router: no prefill or no decode peer is registered",
+    "peer_failed": "router: the request's peers failed (died, timed out, or lost the KV) and it could not be retried",
 }
 
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)

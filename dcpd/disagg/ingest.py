@@ -1,0 +1,75 @@
+"""The decode peer's KV thread: receives chunks into reserved blocks while the engine keeps decoding.
+
+It owns the KV ROUTER socket and the KVReceiver. The event loop tells it which
+requests to expect and which to cancel through a queue; it reports back through
+callbacks run with `loop.call_soon_threadsafe`. A cancelled request's blocks are
+only freed after this thread confirms it will write no more into them
+(`on_cancelled`), so a late chunk can never land in blocks given to someone else.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import zmq
+
+from dcpd.disagg.transfer import KVAck, KVReceiver
+from dcpd.kv.cache import PagedKVCache
+
+
+class KVIngest:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        socket: zmq.Socket,
+        *,
+        on_done: Callable[[str, KVAck], None],
+        on_cancelled: Callable[[str], None],
+    ) -> None:
+        """`socket` is a bound ROUTER from a sync context; from `start()` on, only this thread uses it."""
+        self.receiver = KVReceiver(cache)
+        self.socket = socket
+        self.on_done = on_done
+        self.on_cancelled = on_cancelled
+        self.commands: queue.SimpleQueue[tuple[str, str, list[int]] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="dcpd-kv-ingest", daemon=True)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def expect(self, key: str, block_ids: list[int]) -> None:
+        self.commands.put(("expect", key, block_ids))
+
+    def cancel(self, key: str) -> None:
+        self.commands.put(("cancel", key, []))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            what, key, blocks = command
+            if what == "expect":
+                self.receiver.expect(key, blocks)
+            else:
+                self.receiver.cancel(key)
+                self.on_cancelled(key)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands()
+                ack = self.receiver.serve_once(self.socket, timeout_ms=20)
+                if ack is not None and ack.request_id:
+                    self.on_done(ack.request_id, ack)
+            self._apply_commands()
+        finally:
+            self.socket.close(linger=0)

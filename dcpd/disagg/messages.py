@@ -1,0 +1,155 @@
+"""The control protocol between the router and its prefill and decode peers (msgpack, tagged unions).
+
+Each peer connects a DEALER (its routing id = its name) to the router's ROUTER
+at `disagg.router_endpoint`; one frame per message. KV bytes never travel here:
+they go straight from a prefill peer to a decode peer (see transfer.py).
+
+    peer -> router   Register, Heartbeat, Reserved, Transferring, PrefillDone, Output
+    router -> peer   Registered, HeartbeatAck, Reserve, Prefill, Cancel, DropPeer
+
+A request's life, keyed by `key` (the router's id for one attempt of one request):
+
+    router --Reserve--> decode        decode reserves blocks for the prompt (or refuses: full)
+    decode --Reserved--> router
+    router --Prefill--> prefill       prefill computes; after each chunk, pushes finished blocks
+    prefill --Transferring--> router  (first KV chunk sent)
+    prefill ==KV chunks==> decode     the last chunk carries the first token; decode acks it
+    prefill --PrefillDone--> router   the ack (ok or not) reached the prefill peer; it freed its blocks
+    decode --Output--> router         the first token, then the rest as they are sampled
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from dcpd.disagg.layout import PeerLayout
+from dcpd.server.protocol import SamplingOptions
+
+CONTROL_VERSION = 1
+
+
+class _Control(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    v: int = CONTROL_VERSION
+
+
+class PeerLoad(msgspec.Struct, kw_only=True):
+    waiting: int  # requests queued in the engine
+    running: int  # requests holding blocks in the engine
+    kv_blocks_free: int
+    kv_blocks_total: int
+    kv_blocks_reserve: int  # blocks kept back for running requests (never reserved for new KV)
+    draining: bool = False
+
+
+# -- peer -> router --------------------------------------------------------------------------------
+class Register(_Control, tag="register"):
+    name: str
+    role: Literal["prefill", "decode"]
+    layout: PeerLayout
+    kv_endpoint: str | None  # decode peers: where prefill peers push KV
+    load: PeerLoad
+    pid: int
+
+
+class Heartbeat(_Control, tag="heartbeat"):
+    load: PeerLoad
+
+
+class Reserved(_Control, tag="reserved"):
+    key: str
+    ok: bool
+    code: str | None = None  # "kv_full" (try later or elsewhere), "invalid_request", "draining"
+    error: str | None = None
+
+
+class Transferring(_Control, tag="transferring"):
+    key: str
+
+
+class PrefillDone(_Control, tag="prefill_done"):
+    key: str
+    ok: bool
+    bytes: int = 0
+    transfer_s: float = 0.0  # first chunk sent -> ack
+    error: str | None = None
+
+
+class Output(_Control, tag="output"):
+    key: str
+    token_ids: list[int]
+    finished: bool = False
+    reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+
+
+PeerMessage = Register | Heartbeat | Reserved | Transferring | PrefillDone | Output
+
+
+# -- router -> peer --------------------------------------------------------------------------------
+class Registered(_Control, tag="registered"):
+    ok: bool
+    error: str | None = None  # why the router refused (mismatched layout, unknown peer: register again)
+    fatal: bool = False  # True: do not retry (a configuration problem)
+
+
+class HeartbeatAck(_Control, tag="heartbeat_ack"):
+    pass
+
+
+class Reserve(_Control, tag="reserve"):
+    key: str
+    prompt_ids: list[int]
+    sampling: SamplingOptions
+
+
+class Prefill(_Control, tag="prefill"):
+    key: str
+    prompt_ids: list[int]
+    sampling: SamplingOptions
+    decode_peer: str
+    kv_endpoint: str
+
+
+class Cancel(_Control, tag="cancel"):
+    key: str
+
+
+class DropPeer(_Control, tag="drop_peer"):
+    """A decode peer is gone: prefill peers close their KV connection to it (nothing queued is sent)."""
+
+    kv_endpoint: str
+
+
+RouterMessage = Registered | HeartbeatAck | Reserve | Prefill | Cancel | DropPeer
+
+_encoder = msgspec.msgpack.Encoder()
+_peer_decoder = msgspec.msgpack.Decoder(PeerMessage)
+_router_decoder = msgspec.msgpack.Decoder(RouterMessage)
+
+
+class ControlError(ValueError):
+    """An undecodable or unsupported control message."""
+
+
+def encode(message: _Control) -> bytes:
+    return _encoder.encode(message)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes) -> _Control:
+    try:
+        message = decoder.decode(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ControlError(f"bad control message: {str(exc).replace('`$.', '`')}") from None
+    if message.v != CONTROL_VERSION:
+        raise ControlError(f"control protocol version {message.v} is not supported (we speak {CONTROL_VERSION})")
+    return message
+
+
+def decode_peer(frame: bytes) -> PeerMessage:
+    return _decode(_peer_decoder, frame)  # type: ignore[return-value]
+
+
+def decode_router(frame: bytes) -> RouterMessage:
+    return _decode(_router_decoder, frame)  # type: ignore[return-value]

@@ -1,0 +1,232 @@
+"""What prefill and decode peers share: the control channel to the router, and the engine loop.
+
+The control channel is a DEALER (routing id = the peer's name) connected to the
+router. Until the router accepts it the peer sends `Register` every heartbeat
+interval; afterwards `Heartbeat`s carrying its load. If the router goes silent
+for `peer_timeout_s` (or forgets us), the peer drops every request it holds --
+the router has failed them anyway -- frees their blocks, and registers again.
+
+The engine is stepped in its own thread (EngineService). Everything else that
+touches the engine (new requests, cancels, adopting KV, releasing blocks) is
+queued as an operation and applied by the loop between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+import zmq
+
+from dcpd.config import EX_CONFIG, Config
+from dcpd.disagg import messages as m
+from dcpd.disagg.layout import PeerLayout
+from dcpd.engine import RequestOutput
+from dcpd.model.loader import LoadedModel
+from dcpd.server.daemon import EngineService
+from dcpd.server.service import Service
+
+log = structlog.get_logger("dcpd.peer")
+
+
+def peer_name(config: Config) -> str:
+    return config.disagg.peer_name or f"{config.server.role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _log_send_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("control message not sent", error=repr(future.exception()))
+
+
+class PeerService(Service):
+    role: str
+
+    def __init__(self, config: Config, loaded: LoadedModel) -> None:
+        super().__init__(config)
+        self.loaded = loaded
+        self.worker = EngineService(config, loaded)
+        self.engine = self.worker.engine
+        self.name = peer_name(config)
+        self.layout = PeerLayout.describe(loaded.config, self.engine.kv_cache)
+        self.control: zmq.asyncio.Socket | None = None
+        self.registered = False
+        self.last_heard = time.monotonic()
+        self.ops: list[Callable[[], None]] = []  # applied between steps, in order
+        self.work = asyncio.Event()
+
+    # -- what a role provides -----------------------------------------------------------------------
+    def kv_endpoint(self) -> str | None:
+        return None
+
+    def handle(self, message: m.RouterMessage) -> None:
+        raise NotImplementedError
+
+    def make_step(self) -> Callable[[], list[RequestOutput]]:
+        """On the loop, before a step: the function the step thread runs."""
+        return self.engine.step
+
+    def after_step(self, outputs: list[RequestOutput]) -> None:
+        """Back on the loop, after a step."""
+
+    def housekeeping(self) -> None:
+        """Every heartbeat interval, on the loop: timeouts and leases."""
+
+    def drop_everything(self, why: str) -> None:
+        """The router is gone or forgot us: free every request's blocks."""
+        raise NotImplementedError
+
+    def idle(self) -> bool:
+        raise NotImplementedError
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def open(self) -> None:
+        sock = self.zmq_context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100000)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        self.control = sock
+        sock.connect(self.config.disagg.router_endpoint)
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close(linger=0)
+
+    def shutdown(self) -> None:
+        self.worker.executor.shutdown(wait=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "router": self.config.disagg.router_endpoint, "kv_endpoint": self.kv_endpoint(),
+                "model": self.loaded.source, "kv_blocks": self.engine.kv_cache.num_blocks}  # fmt: skip
+
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._control_loop(), self._heartbeat_loop(), self._engine_loop()]
+
+    def on_drain(self) -> None:
+        self._send(m.Heartbeat(load=self.load()))  # tell the router at once: no new work for us
+        self.work.set()
+
+    def on_drain_deadline(self) -> None:
+        if not self.idle():
+            log.warning("drain budget exceeded; dropping what is left")
+            self.drop_everything("drain budget exceeded")
+            self.work.set()
+
+    # -- control channel ----------------------------------------------------------------------------
+    def _send(self, message: m._Control) -> None:
+        """Send without blocking. A failed send is logged; the router then times the request out."""
+        if self.control is None:
+            return
+        future = self.control.send(m.encode(message), flags=zmq.NOBLOCK)
+        future.add_done_callback(_log_send_failure)
+
+    def load(self) -> m.PeerLoad:
+        pool = self.engine.kv_cache.pool
+        return m.PeerLoad(
+            waiting=len(self.engine.scheduler.waiting), running=len(self.engine.scheduler.running),
+            kv_blocks_free=pool.num_free, kv_blocks_total=pool.num_blocks, kv_blocks_reserve=pool.reserve_blocks,
+            draining=self.draining,
+        )  # fmt: skip
+
+    async def _heartbeat_loop(self) -> None:
+        d = self.config.disagg
+        while True:
+            if self.registered and time.monotonic() - self.last_heard > d.peer_timeout_s:
+                log.warning("router silent; dropping every request and registering again",
+                            silent_s=round(time.monotonic() - self.last_heard, 2))  # fmt: skip
+                self._lost_router("router silent")
+            if self.registered:
+                self._send(m.Heartbeat(load=self.load()))
+            else:
+                self._send(m.Register(name=self.name, role=self.role, layout=self.layout,  # type: ignore[arg-type]
+                                      kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid()))  # fmt: skip
+            self.housekeeping()
+            self._update_gauges()
+            await asyncio.sleep(d.heartbeat_interval_s)
+
+    def _lost_router(self, why: str) -> None:
+        self.registered = False
+        self.drop_everything(why)
+        self.notifier.notify(f"STATUS={self.role} peer: {why}; registering again")
+        self.work.set()
+
+    async def _control_loop(self) -> None:
+        while True:
+            frame = await self.control.recv()
+            self.last_heard = time.monotonic()
+            try:
+                message = m.decode_router(frame)
+            except m.ControlError as exc:
+                log.error("bad message from the router", error=str(exc))
+                continue
+            if isinstance(message, m.Registered):
+                self._on_registered(message)
+            elif isinstance(message, m.HeartbeatAck):
+                pass
+            elif not self.registered:
+                log.warning("router message before registration; ignored", type=type(message).__name__)
+            else:
+                try:
+                    self.handle(message)
+                except Exception:  # one bad message must not stop the peer
+                    log.exception("failed to handle a router message", type=type(message).__name__)
+
+    def _on_registered(self, message: m.Registered) -> None:
+        if message.ok:
+            if not self.registered:
+                log.info("registered with the router", router=self.config.disagg.router_endpoint)
+                self.notifier.notify(f"STATUS={self.role} peer registered with {self.config.disagg.router_endpoint}")
+            self.registered = True
+            return
+        if message.fatal:
+            log.error("the router refused us", error=message.error)
+            self.exit_code = EX_CONFIG
+            self.stopped.set()
+        elif self.registered:  # the router restarted or dropped us: what we hold is orphaned
+            log.warning("the router no longer knows us", error=message.error)
+            self._lost_router(message.error or "unknown to the router")
+
+    # -- the engine loop ---------------------------------------------------------------------------
+    def between_steps(self, op: Callable[[], None]) -> None:
+        self.ops.append(op)
+        self.work.set()
+
+    def _apply_ops(self) -> None:
+        ops, self.ops = self.ops, []
+        for op in ops:
+            try:
+                op()
+            except Exception:
+                log.exception("operation between steps failed")
+
+    async def _engine_loop(self) -> None:
+        while True:
+            self._apply_ops()
+            if self.draining and self.idle():
+                self.stopped.set()
+                return
+            if not self.engine.has_unfinished():
+                self.work.clear()
+                if not self.ops:
+                    await self.work.wait()
+                continue
+            try:
+                outputs = await self.worker.run_in_step_thread(self.make_step())
+            except Exception:
+                log.exception("engine step failed")
+                self.drop_everything("engine step failed")
+                continue
+            self.metrics.steps.inc()
+            self.after_step(outputs)
+
+    def _update_gauges(self) -> None:
+        pool = self.engine.kv_cache.pool
+        self.metrics.queue_depth.set(len(self.engine.scheduler.waiting))
+        self.metrics.running.set(len(self.engine.scheduler.running))
+        self.metrics.kv_used.set(pool.num_used)
+        self.metrics.kv_free.set(pool.num_free)

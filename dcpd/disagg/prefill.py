@@ -1,0 +1,225 @@
+"""The prefill peer: computes prompts in chunked, continuous batches and pushes their KV to decode peers.
+
+After every step, the blocks of a request whose KV became final (every token of
+the block computed, all layers) are handed to the transfer thread, so the push
+of chunk k overlaps the compute of chunk k+1. When the prompt is done the first
+token is sampled, and the last chunk (the remaining blocks, the first token)
+goes out. The request's blocks stay allocated (`hold_kv`) until the decode peer
+acknowledges, or until `kv_lease_s` passes with no acknowledgment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from dcpd.config import Config
+from dcpd.disagg import messages as m
+from dcpd.disagg.peer import PeerService
+from dcpd.disagg.pusher import Chunk, KVPusher
+from dcpd.disagg.transfer import KVAck
+from dcpd.engine import FinishReason, RequestError, RequestOutput, SamplingParams
+from dcpd.model.loader import LoadedModel
+from dcpd.server.frontend import sampling_params
+
+log = structlog.get_logger("dcpd.prefill")
+
+
+@dataclass
+class PrefillJob:
+    key: str
+    prompt: list[int]
+    endpoint: str  # the decode peer's KV endpoint
+    num_blocks: int  # blocks the prompt's KV fills
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    # advanced by the step thread only:
+    sent_blocks: int = 0
+    seq: int = 0
+    final_sent: bool = False
+
+
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """Sample exactly the first token; the decode peer decides whether it stops the request."""
+    return dataclasses.replace(params, max_tokens=1, stop_token_ids=(), ignore_eos=True)
+
+
+class PrefillPeer(PeerService):
+    role = "prefill"
+
+    def __init__(self, config: Config, loaded: LoadedModel) -> None:
+        super().__init__(config, loaded)
+        self.jobs: dict[str, PrefillJob] = {}
+        self.pusher: KVPusher | None = None
+        self._step_jobs: list[PrefillJob] = []
+
+    def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
+        loop = asyncio.get_running_loop()
+        return lambda *args: loop.call_soon_threadsafe(fn, *args)
+
+    def open(self) -> None:
+        super().open()
+        self.pusher = KVPusher(
+            self.engine.kv_cache,
+            on_first_chunk=self._from_thread(self._on_first_chunk),
+            on_done=self._from_thread(self._on_pushed),
+            send_timeout_s=self.config.disagg.peer_timeout_s,
+        )
+        self.pusher.start()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.pusher is not None:
+            self.pusher.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe()
+
+    def idle(self) -> bool:
+        return not self.jobs and not self.engine.held_kv and not self.engine.has_unfinished()
+
+    # -- router messages ---------------------------------------------------------------------------
+    def handle(self, message: m.RouterMessage) -> None:
+        if isinstance(message, m.Prefill):
+            self._accept(message)
+        elif isinstance(message, m.Cancel):
+            if self.jobs.pop(message.key, None) is not None:
+                log.info("cancelled", key=message.key)
+                self.pusher.forget(message.key)
+                self.between_steps(lambda: self._drop_request(message.key))
+        elif isinstance(message, m.DropPeer):
+            log.info("decode peer gone; closing its KV connection", kv_endpoint=message.kv_endpoint)
+            self.pusher.drop_peer(message.kv_endpoint)
+
+    def _accept(self, message: m.Prefill) -> None:
+        key = message.key
+        if self.draining:
+            self._send(m.PrefillDone(key=key, ok=False, error="the prefill peer is draining"))
+            return
+        if key in self.jobs:
+            log.warning("duplicate prefill request ignored", key=key)
+            return
+        blocks = self.engine.block_manager.blocks_for(len(message.prompt_ids))
+        job = PrefillJob(key, list(message.prompt_ids), message.kv_endpoint, blocks)
+        self.jobs[key] = job
+        params = prefill_params(sampling_params(message.sampling))
+        log.info("prefilling", key=key, prompt_tokens=len(job.prompt), decode_peer=message.decode_peer)
+
+        def add() -> None:
+            if key not in self.jobs:  # cancelled before it started
+                return
+            try:
+                self.engine.add_request(job.prompt, params, request_id=key, hold_kv=True)
+            except RequestError as exc:
+                self._fail(key, f"invalid request: {exc}")
+
+        self.between_steps(add)
+
+    def _fail(self, key: str, error: str) -> None:
+        if self.jobs.pop(key, None) is None:
+            return
+        self.metrics.transfer_failures.inc()
+        log.warning("prefill failed", key=key, error=error)
+        self.pusher.forget(key)
+        self.between_steps(lambda: self._drop_request(key))
+        self._send(m.PrefillDone(key=key, ok=False, error=error))
+
+    def _drop_request(self, key: str) -> None:
+        """Between steps: whatever the engine holds for `key` goes back to the pool."""
+        self.engine.abort_request(key)
+        self.engine.release_held(key)
+        self.engine.forget(key)
+
+    # -- stepping and pushing ------------------------------------------------------------------------
+    def make_step(self) -> Callable[[], list[RequestOutput]]:
+        self._step_jobs = list(self.jobs.values())  # a snapshot: the loop may change `jobs` meanwhile
+        return self._step_and_push
+
+    def _step_and_push(self) -> list[RequestOutput]:
+        """In the step thread: one engine step, then hand every block that became final to the pusher."""
+        outputs = self.engine.step()
+        block_size = self.engine.plan_config.block_size
+        for job in self._step_jobs:
+            request = self.engine.requests.get(job.key)
+            if request is None or job.final_sent:
+                continue
+            if request.is_finished:
+                held = self.engine.held_kv.get(job.key)
+                if held is None:  # failed or aborted: after_step reports it
+                    continue
+                start = min(job.sent_blocks, job.num_blocks - 1)  # the last chunk carries >= 1 block
+                self._push(job, held[start : job.num_blocks], start, last=True, first_token=request.token_ids[-1])
+                job.final_sent = True
+                continue
+            full = min(request.num_computed_tokens // block_size, job.num_blocks)
+            if full < job.sent_blocks:  # preempted and recomputed: send it all again
+                job.sent_blocks = 0
+            if full > job.sent_blocks:
+                self._push(job, request.block_ids[job.sent_blocks : full], job.sent_blocks, last=False)
+        return outputs
+
+    def _push(self, job: PrefillJob, blocks: list[int], offset: int, *, last: bool, first_token: int | None = None):
+        chunk = Chunk(job.key, job.endpoint, job.seq, list(blocks), offset, last, first_token)
+        self.pusher.push(chunk)
+        job.seq += 1
+        job.sent_blocks = offset + len(blocks)
+
+    def after_step(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            if output.finished and output.finish_reason not in (FinishReason.LENGTH, FinishReason.STOP):
+                self._fail(output.request_id, output.error or f"prefill ended: {output.finish_reason}")
+        if self.engine.last_preempted:
+            self.metrics.preemptions.inc(len(self.engine.last_preempted))
+
+    # -- transfer results (on the loop) ------------------------------------------------------------
+    def _on_first_chunk(self, key: str) -> None:
+        if key in self.jobs:
+            self._send(m.Transferring(key=key))
+
+    def _on_pushed(self, key: str, ack: KVAck, nbytes: int, seconds: float) -> None:
+        job = self.jobs.pop(key, None)
+        self.between_steps(lambda: self._drop_request(key))  # acknowledged or failed: our copy goes
+        if job is None:
+            return
+        self.metrics.transfer_bytes.inc(nbytes)
+        if ack.ok:
+            self.metrics.transfer_seconds.observe(seconds)
+            gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+            log.info("transferred", key=key, bytes=nbytes, transfer_ms=round(seconds * 1e3, 2), gb_per_s=round(gbps, 3),
+                     prefill_ms=round((time.monotonic() - job.started) * 1e3, 2))  # fmt: skip
+        else:
+            self.metrics.transfer_failures.inc()
+            log.warning("transfer failed", key=key, error=ack.error)
+        self._send(m.PrefillDone(key=key, ok=ack.ok, bytes=nbytes, transfer_s=seconds, error=ack.error))
+
+    def housekeeping(self) -> None:
+        lease = self.config.disagg.kv_lease_s
+
+        def expire() -> None:
+            for key in self.engine.expire_held(lease):
+                log.warning("KV lease expired with no acknowledgment; blocks freed", key=key, lease_s=lease)
+                self.engine.forget(key)
+                self._fail(key, f"no KV acknowledgment within the {lease} s lease")
+
+        if self.engine.held_kv:
+            self.between_steps(expire)
+
+    def drop_everything(self, why: str) -> None:
+        for key in self.jobs:
+            self.pusher.forget(key)
+        if self.jobs:
+            log.warning("dropping prefill requests", requests=len(self.jobs), why=why)
+        self.jobs.clear()
+
+        def drop_all() -> None:
+            for key in list(self.engine.requests):
+                self._drop_request(key)
+            for key in list(self.engine.held_kv):
+                self.engine.release_held(key)
+
+        self.between_steps(drop_all)

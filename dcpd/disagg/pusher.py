@@ -1,0 +1,151 @@
+"""The prefill peer's transfer thread: pushes KV chunks to decode peers while the next step computes.
+
+The step thread enqueues chunks (blocks whose KV is final); this thread owns one
+KVSender (a DEALER) per decode peer, computes checksums, sends zero-copy, and
+polls for acknowledgments. Results go back to the event loop through callbacks
+run with `loop.call_soon_threadsafe`, so the engine is only touched by the loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import zmq
+
+from dcpd.disagg.transfer import KVAck, KVSender
+from dcpd.kv.cache import PagedKVCache
+
+log = structlog.get_logger("dcpd.pusher")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    key: str
+    endpoint: str
+    seq: int
+    block_ids: list[int]
+    block_offset: int
+    last: bool
+    first_token: int | None = None
+
+
+@dataclass
+class _Pending:
+    endpoint: str
+    started: float
+    bytes: int = 0
+
+
+class KVPusher:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        *,
+        on_first_chunk: Callable[[str], None],
+        on_done: Callable[[str, KVAck, int, float], None],
+        send_timeout_s: float,
+    ) -> None:
+        """`on_first_chunk(key)` and `on_done(key, ack, bytes, seconds)` are called in this thread."""
+        self.cache = cache
+        self.on_first_chunk = on_first_chunk
+        self.on_done = on_done
+        self.send_timeout_ms = int(send_timeout_s * 1000)
+        self.context = zmq.Context()
+        self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
+        self.senders: dict[str, KVSender] = {}
+        self.pending: dict[str, _Pending] = {}  # key -> transfer awaiting its ack
+        self.thread = threading.Thread(target=self._run, name="dcpd-kv-push", daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def push(self, chunk: Chunk) -> None:
+        self.queue.put(chunk)
+
+    def forget(self, key: str) -> None:
+        """Stop waiting for this request's ack (it was cancelled); chunks already queued still go out."""
+        self.queue.put(("forget", key))
+
+    def drop_peer(self, endpoint: str) -> None:
+        """Close the connection to a dead decode peer, discarding what is queued for it."""
+        self.queue.put(("drop", endpoint))
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(10)
+
+    # -- the thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self.queue.get(timeout=0.002 if self.pending else 0.05)
+                except queue.Empty:
+                    item = ()
+                if item is None:
+                    return
+                if isinstance(item, Chunk):
+                    self._send(item)
+                elif item:
+                    self._command(*item)
+                self._poll_acks()
+        finally:
+            for sender in self.senders.values():
+                sender.socket.close(linger=0)
+            self.context.term()
+
+    def _command(self, what: str, arg: str) -> None:
+        if what == "forget":
+            self.pending.pop(arg, None)
+        elif what == "drop":
+            sender = self.senders.pop(arg, None)
+            if sender is not None:
+                sender.socket.close(linger=0)
+            for key in [k for k, p in self.pending.items() if p.endpoint == arg]:
+                self._fail(key, f"decode peer at {arg} is gone")
+
+    def _sender(self, endpoint: str) -> KVSender:
+        sender = self.senders.get(endpoint)
+        if sender is None:
+            sender = KVSender(self.cache, endpoint, context=self.context)
+            sender.socket.setsockopt(zmq.SNDTIMEO, self.send_timeout_ms)  # a stuck peer fails the send
+            self.senders[endpoint] = sender
+        return sender
+
+    def _send(self, chunk: Chunk) -> None:
+        if chunk.seq == 0:
+            self.pending[chunk.key] = _Pending(chunk.endpoint, time.monotonic())
+            self.on_first_chunk(chunk.key)
+        state = self.pending.get(chunk.key)
+        if state is None:  # forgotten (cancelled) or already failed
+            return
+        try:
+            state.bytes += self._sender(chunk.endpoint).send_chunk(
+                chunk.key, chunk.seq, chunk.block_ids, layers=(0, self.cache.num_layers),
+                block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
+            )  # fmt: skip
+        except zmq.Again:
+            self._fail(chunk.key, f"decode peer at {chunk.endpoint} took no KV for {self.send_timeout_ms} ms")
+        except zmq.ZMQError as exc:
+            self._fail(chunk.key, f"sending KV to {chunk.endpoint} failed: {exc}")
+
+    def _fail(self, key: str, error: str) -> None:
+        state = self.pending.pop(key, None)
+        if state is not None:
+            ack = KVAck(request_id=key, ok=False, chunks=0, bytes=state.bytes, error=error)
+            self.on_done(key, ack, state.bytes, time.monotonic() - state.started)
+
+    def _poll_acks(self) -> None:
+        for sender in list(self.senders.values()):
+            while (ack := sender.poll_ack()) is not None:
+                state = self.pending.pop(ack.request_id, None)
+                if state is None:
+                    log.debug("ack for a request no longer pending", key=ack.request_id, ok=ack.ok)
+                    continue
+                self.on_done(ack.request_id, ack, state.bytes, time.monotonic() - state.started)

@@ -1,0 +1,464 @@
+"""The router: the client frontend of a disaggregated cluster.
+
+Clients speak the same protocol as to a unified daemon. Behind it, prefill and
+decode peers register on `disagg.router_endpoint` and send heartbeats with
+their load; a peer silent for `peer_timeout_s` is dropped. Per request the
+router picks a decode peer with room for the prompt's KV (the most free blocks)
+and asks it to reserve them; then it picks the least loaded prefill peer and
+sends it the prompt with the decode peer's KV endpoint. Tokens come from the
+decode peer and are relayed to the client.
+
+Failures: every attempt has a key of its own (`client key#attempt`), so late
+messages of a dead attempt are recognised and ignored. A peer that dies, a
+stage that times out, or a failed KV transfer ends the attempt: both its peers
+are told to cancel (freeing their blocks) and, if no token reached the client
+yet, the request starts again on a new pair (up to `max_attempts`); otherwise the
+client gets an `Error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import zmq
+
+from dcpd.config import Config
+from dcpd.disagg import messages as m
+from dcpd.disagg.layout import PeerLayout, PeerMismatch, check_compatible
+from dcpd.engine import RequestError, SamplingParams
+from dcpd.model.loader import ModelSpec
+from dcpd.server import protocol as p
+from dcpd.server.frontend import ClientRequest, Frontend
+
+log = structlog.get_logger("dcpd.router")
+
+TICK_S = 0.02  # how often timeouts, dead peers and the queue are checked
+
+
+class Stage(enum.Enum):
+    WAITING_FOR_RESERVATION = "waiting_for_reservation"  # queued for a decode peer, or Reserve sent
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    WAITING_FOR_KV = "waiting_for_kv"  # prefill acknowledged; the decode peer is adopting the request
+    DECODING = "decoding"
+
+
+@dataclass
+class Peer:
+    name: str
+    role: str
+    identity: bytes
+    kv_endpoint: str | None
+    load: m.PeerLoad
+    pid: int
+    last_seen: float = field(default_factory=time.monotonic)
+    keys: set[str] = field(default_factory=set)  # attempts this peer works on
+    full_until: float = 0.0  # refused a reservation (full): skip it until its next heartbeat
+
+
+@dataclass
+class Route:
+    request: ClientRequest
+    sampling: p.SamplingOptions
+    blocks: int  # KV blocks of the prompt
+    attempt: int = 0
+    key: str = ""
+    stage: Stage = Stage.WAITING_FOR_RESERVATION
+    since: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")
+    decode: str | None = None
+    prefill: str | None = None
+    queued: bool = False
+    queued_since: float = 0.0
+
+
+class Router(Frontend):
+    def __init__(self, config: Config, spec: ModelSpec) -> None:
+        super().__init__(config, spec.tokenizer, spec.source)
+        self.model_config = spec.config
+        self.layout = PeerLayout.expected(spec.config, block_size=config.engine.block_size, dtype=config.model.dtype)
+        self.block_size = config.engine.block_size
+        self.peers: dict[str, Peer] = {}
+        self.routes: dict[str, Route] = {}  # by attempt key
+        self.by_client: dict[str, Route] = {}  # by client key
+        self.queue: deque[Route] = deque()
+        self.peer_socket: zmq.asyncio.Socket | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def open(self) -> None:
+        super().open()
+        sock = self.zmq_context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead peer fails at once
+        sock.setsockopt(zmq.SNDHWM, 100000)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.peer_socket = sock
+        sock.bind(self.config.disagg.router_endpoint)
+
+    def close(self) -> None:
+        super().close()
+        if self.peer_socket is not None:
+            self.peer_socket.close(linger=0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "router_endpoint": self.config.disagg.router_endpoint}
+
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return [self.receive_loop(), self._peer_loop(), self._tick_loop()]
+
+    # -- Frontend hooks -----------------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        params.validate()
+        prompt = list(prompt)
+        if not prompt:
+            raise RequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        total = len(prompt) + params.max_tokens
+        limit = self.model_config.max_position_embeddings
+        if total > limit:
+            raise RequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
+        if decoders and all(self._blocks_for(total) > peer.load.kv_blocks_total for peer in decoders):
+            biggest = max(peer.load.kv_blocks_total for peer in decoders)
+            raise RequestError(
+                f"prompt + max_tokens = {total} tokens needs {self._blocks_for(total)} KV blocks; "
+                f"the largest decode peer has {biggest}"
+            )
+        return prompt
+
+    def submit(self, request: ClientRequest) -> None:
+        sampling = self._sampling_options(request.params)
+        route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)))
+        self.by_client[request.key] = route
+        missing = [role for role in ("prefill", "decode") if not self._live(role)]
+        if missing:
+            self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
+            return
+        self._start_attempt(route)
+
+    def cancel(self, key: str, code: str | None) -> None:
+        route = self.by_client.get(key)
+        if route is None:
+            return
+        log.info("aborting", key=route.key, stage=route.stage.value)
+        self._end(route, "abort", code)
+
+    @staticmethod
+    def _sampling_options(params: SamplingParams) -> p.SamplingOptions:
+        return p.SamplingOptions(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            seed=params.seed, stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        )  # fmt: skip
+
+    # -- peers ---------------------------------------------------------------------------------------
+    def _live(self, role: str) -> list[Peer]:
+        return [peer for peer in self.peers.values() if peer.role == role and not peer.load.draining]
+
+    def _send_peer(self, peer: Peer, message: m._Control) -> None:
+        future = self.peer_socket.send_multipart([peer.identity, m.encode(message)], flags=zmq.NOBLOCK)
+        future.add_done_callback(lambda f, name=peer.name: self._peer_send_done(name, f))
+
+    def _peer_send_done(self, name: str, future: asyncio.Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None and name in self.peers:
+            self._drop_peer(self.peers[name], f"unreachable ({exc})")
+
+    async def _peer_loop(self) -> None:
+        while True:
+            identity, frame = await self._recv_peer()
+            try:
+                message = m.decode_peer(frame)
+            except m.ControlError as exc:
+                log.error("bad message from a peer", peer=identity, error=str(exc))
+                continue
+            try:
+                self._on_peer_message(identity, message)
+            except Exception:  # a bug handling one message must not stop the router
+                log.exception("failed to handle a peer message", peer=identity, type=type(message).__name__)
+
+    async def _recv_peer(self) -> tuple[bytes, bytes]:
+        while True:
+            frames = await self.peer_socket.recv_multipart()
+            if len(frames) == 2:
+                return frames[0], frames[1]
+            log.error("peer message with a wrong frame count", frames=len(frames))
+
+    def _on_peer_message(self, identity: bytes, message: m.PeerMessage) -> None:
+        name = identity.decode(errors="replace")
+        if isinstance(message, m.Register):
+            self._register(identity, message)
+            return
+        peer = self.peers.get(name)
+        if peer is None:
+            reply = m.Registered(ok=False, error=f"peer {name!r} is not registered: register again")
+            self.peer_socket.send_multipart([identity, m.encode(reply)], flags=zmq.NOBLOCK)
+            return
+        peer.last_seen = time.monotonic()
+        if isinstance(message, m.Heartbeat):
+            peer.load = message.load
+            peer.full_until = 0.0
+            self._send_peer(peer, m.HeartbeatAck())
+            return
+        route = self.routes.get(message.key)
+        if route is None:  # an attempt that already ended
+            if isinstance(message, m.Reserved) and message.ok:
+                self._send_peer(peer, m.Cancel(key=message.key))
+            return
+        if isinstance(message, m.Reserved):
+            self._on_reserved(route, peer, message)
+        elif isinstance(message, m.Transferring):
+            self._advance(route, Stage.TRANSFERRING)
+        elif isinstance(message, m.PrefillDone):
+            self._on_prefill_done(route, peer, message)
+        elif isinstance(message, m.Output):
+            self._on_output(route, peer, message)
+
+    def _register(self, identity: bytes, message: m.Register) -> None:
+        name = identity.decode(errors="replace")
+        try:
+            check_compatible(self.layout, message.layout, peer=f"{message.role} peer {name}")
+            if message.role == "decode" and not message.kv_endpoint:
+                raise PeerMismatch(f"decode peer {name} gave no kv_endpoint")
+        except PeerMismatch as exc:
+            log.error("peer refused", peer=name, error=str(exc))
+            reply = m.Registered(ok=False, error=str(exc), fatal=True)
+            self.peer_socket.send_multipart([identity, m.encode(reply)], flags=zmq.NOBLOCK)
+            return
+        old = self.peers.get(name)
+        if old is not None:
+            if old.pid == message.pid and old.role == message.role:  # a repeated Register: our reply was late
+                self._send_peer(old, m.Registered(ok=True))
+                return
+            self._drop_peer(old, "registered again (restarted)")
+        peer = Peer(name, message.role, identity, message.kv_endpoint, message.load, message.pid)
+        self.peers[name] = peer
+        log.info("peer registered", peer=name, role=message.role, pid=message.pid, kv_endpoint=message.kv_endpoint,
+                 kv_blocks=message.load.kv_blocks_total)  # fmt: skip
+        self._send_peer(peer, m.Registered(ok=True))
+        self._update_peer_gauges()
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        if self.peers.pop(peer.name, None) is None:
+            return
+        log.warning("peer dropped", peer=peer.name, role=peer.role, why=why, requests=len(peer.keys))
+        if peer.role == "decode" and peer.kv_endpoint:
+            for other in self._live("prefill"):
+                self._send_peer(other, m.DropPeer(kv_endpoint=peer.kv_endpoint))
+        for key in list(peer.keys):
+            route = self.routes.get(key)
+            if route is not None:
+                self._attempt_failed(route, f"{peer.role} peer {peer.name} {why}", "peer_died")
+        self._update_peer_gauges()
+
+    # -- a request's stages --------------------------------------------------------------------------
+    def _advance(self, route: Route, stage: Stage, deadline_s: float | None = None) -> None:
+        now = time.monotonic()
+        self.metrics.stage_seconds.labels(route.stage.value).observe(now - route.since)
+        log.info(stage.value, key=route.key, after_ms=round((now - route.since) * 1e3, 2))
+        route.stage, route.since = stage, now
+        route.deadline = now + deadline_s if deadline_s is not None else float("inf")
+
+    def _start_attempt(self, route: Route) -> None:
+        route.attempt += 1
+        route.key = f"{route.request.key}#{route.attempt}"
+        route.stage, route.since, route.deadline = Stage.WAITING_FOR_RESERVATION, time.monotonic(), float("inf")
+        route.decode = route.prefill = None
+        self.routes[route.key] = route
+        if not self._try_reserve(route):
+            route.queued, route.queued_since = True, time.monotonic()
+            self.queue.append(route)
+            log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
+
+    def _decode_room(self, peer: Peer) -> int:
+        """Blocks this decode peer could still reserve, counting reservations sent since its heartbeat."""
+        pending = sum(self.routes[k].blocks for k in peer.keys
+                      if k in self.routes and self.routes[k].stage is Stage.WAITING_FOR_RESERVATION)  # fmt: skip
+        return peer.load.kv_blocks_free - peer.load.kv_blocks_reserve - pending
+
+    def _try_reserve(self, route: Route) -> bool:
+        now = time.monotonic()
+        candidates = [(self._decode_room(peer), peer) for peer in self._live("decode") if peer.full_until <= now]
+        candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
+        if not candidates:
+            return False
+        _, peer = max(candidates, key=lambda c: (c[0], -len(c[1].keys)))
+        route.decode = peer.name
+        peer.keys.add(route.key)
+        route.deadline = now + self.config.disagg.reserve_timeout_s
+        req = route.request
+        self._send_peer(peer, m.Reserve(key=route.key, prompt_ids=req.prompt_ids, sampling=route.sampling))
+        return True
+
+    def _on_reserved(self, route: Route, peer: Peer, message: m.Reserved) -> None:
+        if route.stage is not Stage.WAITING_FOR_RESERVATION or route.decode != peer.name:
+            return
+        if not message.ok:
+            peer.keys.discard(route.key)
+            route.decode = None
+            if message.code == "invalid_request":
+                self._end(route, "error", "invalid_request", message.error)
+                return
+            peer.full_until = float("inf")  # until its next heartbeat shows the room it really has
+            log.info("decode peer refused the reservation; queued", key=route.key, peer=peer.name, why=message.error)
+            route.queued, route.queued_since = True, time.monotonic()
+            route.deadline = float("inf")
+            self.queue.appendleft(route)
+            return
+        prefills = self._live("prefill")
+        if not prefills:
+            self._attempt_failed(route, "no prefill peer is registered", "no_prefill_peer")
+            return
+        prefill = min(prefills, key=lambda p: (len(p.keys) + p.load.waiting, p.name))
+        route.prefill = prefill.name
+        prefill.keys.add(route.key)
+        self._advance(route, Stage.PREFILLING, self.config.disagg.prefill_timeout_s)
+        req = route.request
+        self._send_peer(prefill, m.Prefill(key=route.key, prompt_ids=req.prompt_ids, sampling=route.sampling,
+                                           decode_peer=peer.name, kv_endpoint=peer.kv_endpoint or ""))  # fmt: skip
+
+    def _on_prefill_done(self, route: Route, peer: Peer, message: m.PrefillDone) -> None:
+        if route.prefill != peer.name:
+            return
+        peer.keys.discard(route.key)
+        route.prefill = None
+        if not message.ok:
+            self._attempt_failed(route, f"prefill peer {peer.name}: {message.error}", "prefill_failed")
+            return
+        if message.bytes and message.transfer_s > 0:
+            log.info("KV transferred", key=route.key, bytes=message.bytes,
+                     gb_per_s=round(message.bytes / message.transfer_s / 1e9, 3))  # fmt: skip
+        if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING):
+            self._advance(route, Stage.WAITING_FOR_KV, self.config.disagg.prefill_timeout_s)
+
+    def _on_output(self, route: Route, peer: Peer, message: m.Output) -> None:
+        if route.decode != peer.name:
+            return
+        request = route.request
+        if message.finished and message.reason == "error" and not message.token_ids and not request.token_ids:
+            self._attempt_failed(route, f"decode peer {peer.name}: {message.error}", "decode_failed")
+            return
+        if route.stage is not Stage.DECODING:
+            self._advance(route, Stage.DECODING)
+        if message.finished:
+            self._forget(route)
+            self.metrics.stage_seconds.labels(Stage.DECODING.value).observe(time.monotonic() - route.since)
+        self.deliver(request.key, message.token_ids, message.finished, message.reason, message.error)
+
+    # -- endings -------------------------------------------------------------------------------------
+    def _cancel_on_peers(self, route: Route) -> None:
+        for name in (route.prefill, route.decode):
+            peer = self.peers.get(name) if name else None
+            if peer is not None:
+                peer.keys.discard(route.key)
+                self._send_peer(peer, m.Cancel(key=route.key))
+
+    def _forget(self, route: Route) -> None:
+        """The attempt is over on the router's side (its peers have finished or been told to cancel)."""
+        self.routes.pop(route.key, None)
+        for name in (route.prefill, route.decode):
+            peer = self.peers.get(name) if name else None
+            if peer is not None:
+                peer.keys.discard(route.key)
+        if route.queued:
+            route.queued = False
+            try:
+                self.queue.remove(route)
+            except ValueError:
+                pass
+
+    def _attempt_failed(self, route: Route, why: str, label: str) -> None:
+        self._cancel_on_peers(route)
+        self._forget(route)
+        request = route.request
+        if request.key not in self.inflight:
+            return
+        if request.token_ids:
+            self._end(route, "error", "peer_failed", f"{why} after {len(request.token_ids)} tokens were streamed")
+        elif route.attempt >= self.config.disagg.max_attempts or self.draining:
+            self._end(route, "error", "peer_failed", f"{why} (attempt {route.attempt} of "
+                                                     f"{self.config.disagg.max_attempts})")  # fmt: skip
+        else:
+            log.warning("attempt failed; retrying", key=route.key, why=why)
+            self.metrics.retries.labels(label).inc()
+            self._start_attempt(route)
+
+    def _end(self, route: Route, reason: str, code: str | None, error: str | None = None) -> None:
+        self._cancel_on_peers(route)
+        self._forget(route)
+        self.by_client.pop(route.request.key, None)
+        if route.request.key in self.inflight:
+            self.finish(route.request, reason, error=error, error_code=code)
+
+    def finish(self, request: ClientRequest, reason: str, error: str | None = None,
+               error_code: str | None = None) -> None:  # fmt: skip
+        self.by_client.pop(request.key, None)
+        super().finish(request, reason, error=error, error_code=error_code)
+
+    # -- the tick: dead peers, stage deadlines, the queue --------------------------------------------
+    async def _tick_loop(self) -> None:
+        while True:
+            self._tick(time.monotonic())
+            self._update_gauges()
+            await asyncio.sleep(TICK_S)
+
+    def _tick(self, now: float) -> None:
+        d = self.config.disagg
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > d.peer_timeout_s:
+                self._drop_peer(peer, f"missed heartbeats for {now - peer.last_seen:.1f} s")
+        for route in list(self.routes.values()):
+            if route.queued and now - route.queued_since > d.queue_timeout_s:
+                self._end(route, "error", "overloaded",
+                          f"no decode peer had {route.blocks} free KV blocks within {d.queue_timeout_s} s")  # fmt: skip
+            elif not route.queued and now > route.deadline:
+                self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout")
+        while self.queue:
+            route = self.queue[0]
+            if not self._try_reserve(route):
+                break
+            self.queue.popleft()
+            route.queued = False
+
+    def _update_gauges(self) -> None:
+        counts = dict.fromkeys(Stage, 0)
+        for route in self.routes.values():
+            counts[route.stage] += 1
+        for stage, n in counts.items():
+            self.metrics.request_states.labels(stage.value).set(n)
+
+    def _update_peer_gauges(self) -> None:
+        for role in ("prefill", "decode"):
+            self.metrics.peers.labels(role).set(sum(peer.role == role for peer in self.peers.values()))
+
+    def stats(self) -> dict[str, int | float | str]:
+        stats: dict[str, int | float | str] = dict(super().stats())
+        stats["prefill_peers"] = sum(peer.role == "prefill" for peer in self.peers.values())
+        stats["decode_peers"] = sum(peer.role == "decode" for peer in self.peers.values())
+        stats["queued"] = len(self.queue)
+        for stage in Stage:
+            stats[f"state.{stage.value}"] = sum(route.stage is stage for route in self.routes.values())
+        for peer in self.peers.values():
+            load = peer.load
+            prefix = f"peer.{peer.name}"
+            stats[f"{prefix}.role"] = peer.role
+            stats[f"{prefix}.pid"] = peer.pid
+            stats[f"{prefix}.kv_blocks_free"] = load.kv_blocks_free
+            stats[f"{prefix}.kv_blocks_total"] = load.kv_blocks_total
+            stats[f"{prefix}.requests"] = load.waiting + load.running
+        return stats
