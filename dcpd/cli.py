@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dcpd.disagg.cluster import add_arguments as add_cluster_arguments
+from dcpd.disagg.cluster import run as run_cluster
 from dcpd.generate_cli import add_arguments as add_generate_arguments
 from dcpd.generate_cli import run as run_generate
 from dcpd.offline import add_arguments
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     generate = sub.add_parser("generate", help="send prompts to a running daemon")
     add_generate_arguments(generate)
+    cluster = sub.add_parser("cluster", help="run a router with N prefill and M decode daemons on this host")
+    add_cluster_arguments(cluster)
     check = sub.add_parser("check-config", help="validate a TOML config file without starting (exit 78 if bad)")
     check.add_argument("file")
     return parser
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "cluster":
+        return run_cluster(args)
     if args.command == "check-config":
         return check_config(args)
     return 2

@@ -106,8 +106,10 @@ class AsyncStream:
             self.client._streams.pop(self.request_id, None)
 
     async def collect(self) -> p.Finished:
-        async for _ in self:
-            pass
+        """The Finished message (drains the rest of the stream, if it was not iterated to the end)."""
+        if self.result is None:
+            async for _ in self:
+                pass
         assert self.result is not None
         return self.result
 

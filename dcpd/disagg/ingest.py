@@ -67,7 +67,12 @@ class KVIngest:
         try:
             while not self._stop.is_set():
                 self._apply_commands()
-                ack = self.receiver.serve_once(self.socket, timeout_ms=20)
+                if not self.socket.poll(20):
+                    continue
+                # An `expect` queued while we polled precedes the chunk (the router sends the prefill
+                # only after the reservation was made): apply it before handling the message.
+                self._apply_commands()
+                ack = self.receiver.serve_once(self.socket, timeout_ms=0)
                 if ack is not None and ack.request_id:
                     self.on_done(ack.request_id, ack)
             self._apply_commands()

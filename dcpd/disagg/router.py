@@ -461,4 +461,5 @@ class Router(Frontend):
             stats[f"{prefix}.kv_blocks_free"] = load.kv_blocks_free
             stats[f"{prefix}.kv_blocks_total"] = load.kv_blocks_total
             stats[f"{prefix}.requests"] = load.waiting + load.running
+            stats[f"{prefix}.assigned"] = len(peer.keys)  # attempts the router has on it now
         return stats

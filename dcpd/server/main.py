@@ -47,6 +47,10 @@ def serve(args: argparse.Namespace) -> int:
     from dcpd.server.logs import configure_logging
 
     configure_logging(config.logging.level, config.logging.format)
+    if config.server.role != "unified":
+        import structlog
+
+        structlog.contextvars.bind_contextvars(role=config.server.role, peer=config.disagg.peer_name or None)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     role = config.server.role

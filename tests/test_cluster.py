@@ -1,0 +1,138 @@
+"""`dcpd cluster` end to end: real router, prefill and decode processes; KV crosses real sockets.
+
+Greedy outputs for many concurrent requests must equal the offline engine's, token for token,
+including prompts long enough for chunked prefill (several KV messages per request), and every
+peer's block pool must be fully free afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from dcpd.client import AsyncClient, Client
+from dcpd.engine import LLMEngine, SamplingParams
+from dcpd.model.default import build_default_model
+
+CHILD_SETTINGS = ["engine.max_tokens_per_batch=128", "disagg.heartbeat_interval_s=0.2", "disagg.peer_timeout_s=2.0",
+                  'logging.format="json"']  # fmt: skip
+PROMPT_LENGTHS = (1, 15, 16, 17, 100, 250, 600, 900, 40, 333, 128, 7)
+MAX_TOKENS = 24
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(256) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [r.token_ids for r in LLMEngine(build_default_model()).generate(prompts(), params)]
+
+
+class ClusterProcess:
+    def __init__(self, prefill: int, decode: int) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="dcc", dir="/tmp")
+        self.frontend = f"ipc://{self.tmp}/f"
+        args = [sys.executable, "-m", "dcpd.cli", "cluster", "--prefill", str(prefill), "--decode", str(decode),
+                "--frontend", self.frontend]  # fmt: skip
+        for item in CHILD_SETTINGS:
+            args += ["--set", item]
+        self.out = open(f"{self.tmp}/out", "w+")  # noqa: SIM115 (closed in stop)
+        self.err = open(f"{self.tmp}/err", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err)
+        self.ready = self._wait_ready(180)
+
+    def _wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.out.name) as f:
+                for line in f:
+                    if '"cluster ready"' in line:
+                        return json.loads(line)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cluster exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"cluster not ready in {timeout} s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        with open(self.err.name, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(90)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.out.close()
+            self.err.close()
+
+
+def wait_pools_free(client: Client, timeout: float = 15.0) -> dict:
+    """Every peer's pool (as its latest heartbeat reports it) is fully free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = client.stats()
+        peers = {k.rsplit(".", 1)[0] for k in stats if k.startswith("peer.")}
+        if stats["inflight"] == 0 and all(
+            stats[f"{peer}.kv_blocks_free"] == stats[f"{peer}.kv_blocks_total"] for peer in peers
+        ):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks still in use: {stats}")
+        time.sleep(0.1)
+
+
+async def generate_all(frontend: str, stream: bool) -> list[list[int]]:
+    async with AsyncClient(frontend, timeout=120) as client:
+
+        async def one(prompt: list[int]) -> list[int]:
+            s = await client.generate(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                                      stream=stream)  # fmt: skip
+            streamed = [t for chunk in [c async for c in s] for t in chunk.token_ids] if stream else None
+            result = await s.collect()
+            assert result.finish_reason == "length"
+            if stream:
+                assert streamed == result.token_ids
+            return result.token_ids
+
+        return list(await asyncio.gather(*(one(p) for p in prompts())))
+
+
+@pytest.mark.parametrize(("prefill", "decode"), [(1, 1), (2, 2)])
+def test_cluster_is_token_identical_to_offline(prefill: int, decode: int, reference: list[list[int]]) -> None:
+    cluster = ClusterProcess(prefill, decode)
+    try:
+        pids = cluster.ready["pids"]
+        assert len(pids["prefill"]) == prefill and len(pids["decode"]) == decode
+        for role in ("router", "prefill", "decode"):  # ordinary `dcpd serve --role ...` processes
+            for pid in pids[role]:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    assert f"--role\0{role}\0".encode() in f.read()
+        for stream in (True, False):
+            got = asyncio.run(generate_all(cluster.frontend, stream))
+            assert got == reference
+        with Client(cluster.frontend) as client:
+            stats = wait_pools_free(client)
+        assert stats["prefill_peers"] == prefill and stats["decode_peers"] == decode
+        if decode == 2:  # the load balancer used both decode peers
+            log = cluster.log()
+            assert all(f'"peer": "decode-{i}"' in log and "decoding" in log for i in range(2))
+        assert '"event": "transferring"' in cluster.log()
+    finally:
+        code = cluster.stop()
+    assert code == 0, cluster.log()[-3000:]
+    for pid in [p for group in cluster.ready["pids"].values() for p in group]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
