@@ -89,21 +89,21 @@ class AsyncStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[p.Tokens]:
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(self.queue.get(), self.client.timeout)
-                except TimeoutError:
-                    raise RequestTimeout(f"request {self.request_id!r}: no reply in {self.client.timeout} s") from None
-                if isinstance(message, p.Tokens):
-                    yield message
-                elif isinstance(message, p.Finished):
-                    self.result = message
-                    return
-                elif isinstance(message, p.Error):
-                    _raise_for(message)
-        finally:
-            self.client._streams.pop(self.request_id, None)
+        # The reader unregisters the stream when its last message arrives, so a consumer may stop
+        # iterating early (say, to abort) and still `collect()` the final message afterwards.
+        while True:
+            try:
+                message = await asyncio.wait_for(self.queue.get(), self.client.timeout)
+            except TimeoutError:
+                self.client._streams.pop(self.request_id, None)
+                raise RequestTimeout(f"request {self.request_id!r}: no reply in {self.client.timeout} s") from None
+            if isinstance(message, p.Tokens):
+                yield message
+            elif isinstance(message, p.Finished):
+                self.result = message
+                return
+            elif isinstance(message, p.Error):
+                _raise_for(message)
 
     async def collect(self) -> p.Finished:
         """The Finished message (drains the rest of the stream, if it was not iterated to the end)."""
@@ -155,6 +155,8 @@ class AsyncClient:
             rid = message.request_id or ""
             if rid in self._streams:
                 self._streams[rid].queue.put_nowait(message)
+                if isinstance(message, (p.Finished, p.Error)):  # the request's last message
+                    del self._streams[rid]
             elif rid in self._replies and not self._replies[rid].done():
                 self._replies[rid].set_result(message)
 

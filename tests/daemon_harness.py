@@ -69,6 +69,7 @@ def start_daemon(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     ready_timeout: float = 120.0,
+    wait_ready: bool = True,
 ) -> DaemonProcess:
     tmpdir = tempfile.mkdtemp(prefix="dcpd", dir="/tmp")  # ipc paths must stay short
     endpoint = f"ipc://{tmpdir}/f"
@@ -85,6 +86,8 @@ def start_daemon(
     with open(f"{tmpdir}/log", "w") as log_file:
         proc = subprocess.Popen(args, env=proc_env, stdout=log_file, stderr=subprocess.STDOUT)
     daemon = DaemonProcess(proc, endpoint, notify, tmpdir, port)
+    if not wait_ready:
+        return daemon
     try:
         daemon.wait_for("READY=1", ready_timeout)
     except Exception:

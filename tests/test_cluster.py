@@ -48,8 +48,8 @@ class ClusterProcess:
                 "--frontend", self.frontend]  # fmt: skip
         for item in CHILD_SETTINGS:
             args += ["--set", item]
-        self.out = open(f"{self.tmp}/out", "w+")  # noqa: SIM115 (closed in stop)
-        self.err = open(f"{self.tmp}/err", "w+")  # noqa: SIM115
+        self.out = open(f"{self.tmp}/out", "w+")
+        self.err = open(f"{self.tmp}/err", "w+")
         self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err)
         self.ready = self._wait_ready(180)
 

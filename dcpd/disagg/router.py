@@ -393,6 +393,8 @@ class Router(Frontend):
         elif route.attempt >= self.config.disagg.max_attempts or self.draining:
             self._end(route, "error", "peer_failed", f"{why} (attempt {route.attempt} of "
                                                      f"{self.config.disagg.max_attempts})")  # fmt: skip
+        elif missing := [role for role in ("prefill", "decode") if not self._live(role)]:
+            self._end(route, "error", "peer_failed", f"{why}; no {' or '.join(missing)} peer left to retry on")
         else:
             log.warning("attempt failed; retrying", key=route.key, why=why)
             self.metrics.retries.labels(label).inc()

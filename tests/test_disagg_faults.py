@@ -1,0 +1,195 @@
+"""Faults with real processes: kill -9 a decode peer mid-transfer and mid-decode, a prefill peer
+mid-prefill, and abort from the client in each stage. Every request ends (tokens or a clear error)
+within the configured timeouts, and every surviving peer's block pool returns to fully free."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import pytest
+
+from dcpd.client import AsyncClient, ServerError
+from dcpd.engine import LLMEngine, SamplingParams
+from dcpd.model.default import build_default_model
+from tests.disagg_harness import Fleet
+
+# Small prefill chunks make a long prompt take dozens of steps: wide windows to kill or abort in.
+PREFILL = ["engine.max_tokens_per_batch=32"]
+LONG_PROMPT = [random.Random(5).randrange(256) for _ in range(2000)]
+SHORT_PROMPT = [random.Random(6).randrange(256) for _ in range(40)]
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    fleet = Fleet("disagg.kv_timeout_s=10", "disagg.kv_lease_s=10", "disagg.prefill_timeout_s=30")
+    try:
+        for _ in range(2):
+            fleet.add("prefill", *PREFILL, wait=False)
+            fleet.add("decode", wait=False)
+        fleet.wait_registered()
+        yield fleet
+    finally:
+        killed = {name for name, peer in fleet.peers.items() if peer.proc.poll() is not None}
+        codes = fleet.stop()
+    survivors = {name: code for name, code in codes.items() if name not in killed}
+    assert all(code == 0 for code in survivors.values()), survivors  # SIGTERM drains them cleanly
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    engine = LLMEngine(build_default_model())
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    return {"long": engine.generate([LONG_PROMPT], params)[0].token_ids}
+
+
+async def wait_stats(
+    client: AsyncClient, predicate: Callable[[dict], bool], timeout: float = 30.0, poll: float = 0.005
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await client.stats()
+        if predicate(stats):
+            return stats
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met: {stats}")
+        await asyncio.sleep(poll)
+
+
+def busy_peer(stats: dict, role: str) -> str | None:
+    for key, value in stats.items():
+        if key.endswith(".assigned") and value > 0:
+            name = key.split(".")[1]
+            if stats[f"peer.{name}.role"] == role:
+                return name
+    return None
+
+
+async def all_free(client: AsyncClient, timeout: float = 15.0) -> dict:
+    def free(stats: dict) -> bool:
+        peers = {k.split(".")[1] for k in stats if k.startswith("peer.")}
+        return stats["inflight"] == 0 and all(
+            stats[f"peer.{p}.kv_blocks_free"] == stats[f"peer.{p}.kv_blocks_total"] for p in peers
+        )
+
+    return await wait_stats(client, free, timeout, poll=0.1)
+
+
+def replace(fleet: Fleet, name: str, role: str) -> None:
+    fleet.kill(name)
+    fleet.add(role, *(PREFILL if role == "prefill" else []), wait=False)
+    fleet.wait_registered()
+
+
+async def kill_during(fleet: Fleet, stage: str, role: str, prompt: list[int], max_tokens: int):
+    """Start a request, kill -9 the `role` peer serving it once the router reports `stage`; return the
+    request's outcome (its Finished, or the ServerError) and how long it took after the kill."""
+    async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
+        stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
+        outcome = asyncio.ensure_future(stream.collect())
+        stats = await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0 and busy_peer(s, role) is not None)
+        victim = busy_peer(stats, role)
+        fleet.kill(victim)
+        killed = time.monotonic()
+        try:
+            result = await outcome
+        except ServerError as exc:
+            result = exc
+        elapsed = time.monotonic() - killed
+        await all_free(watcher)
+    return victim, result, elapsed
+
+
+def test_decode_killed_mid_transfer_is_retried_on_another_decode_peer(fleet: Fleet, reference) -> None:
+    victim, result, elapsed = asyncio.run(kill_during(fleet, "transferring", "decode", LONG_PROMPT, 8))
+    assert not isinstance(result, ServerError), result
+    assert result.token_ids == reference["long"]  # the retry on the other pair is token-identical
+    assert elapsed < 30
+    log = fleet.router.log_text()
+    assert "peer dropped" in log and victim in log and "attempt failed; retrying" in log
+    replace(fleet, victim, "decode")
+
+
+def test_decode_killed_mid_decode_ends_with_an_error(fleet: Fleet) -> None:
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
+            stream = await client.generate(prompt_ids=SHORT_PROMPT, max_tokens=1900, **GREEDY)
+            received = 0
+            with pytest.raises(ServerError) as info:
+                async for chunk in stream:
+                    received += len(chunk.token_ids)
+                    if received >= 5 and "killed" not in locals():
+                        stats = await watcher.stats()
+                        victim = busy_peer(stats, "decode")
+                        fleet.kill(victim)
+                        killed = time.monotonic()
+            elapsed = time.monotonic() - killed
+            await all_free(watcher)
+            return victim, info.value, elapsed
+
+    victim, error, elapsed = asyncio.run(scenario())
+    assert error.code == "peer_failed" and victim in str(error) and "tokens were streamed" in str(error)
+    assert elapsed < 5  # peer_timeout_s = 1 s
+    replace(fleet, victim, "decode")
+
+
+def test_prefill_killed_mid_prefill_is_retried_on_another_prefill_peer(fleet: Fleet, reference) -> None:
+    victim, result, elapsed = asyncio.run(kill_during(fleet, "prefilling", "prefill", LONG_PROMPT, 8))
+    assert not isinstance(result, ServerError), result
+    assert result.token_ids == reference["long"]
+    assert elapsed < 30
+    replace(fleet, victim, "prefill")
+
+
+@pytest.mark.parametrize("stage", ["waiting_for_reservation", "prefilling", "transferring", "decoding"])
+def test_abort_in_each_stage_frees_every_block(fleet: Fleet, stage: str) -> None:
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
+            max_tokens = 1900 - len(LONG_PROMPT) // 20 if stage == "decoding" else 8
+            prompt = SHORT_PROMPT if stage == "decoding" else LONG_PROMPT
+            stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
+            if stage == "decoding":
+                async for _ in stream:
+                    break  # one token chunk has arrived: decoding
+            elif stage != "waiting_for_reservation":  # that one: abort at once
+                await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0)
+            await stream.abort()
+            result = await stream.collect()
+            stats = await all_free(watcher)
+            return result, stats
+
+    result, stats = asyncio.run(scenario())
+    assert result.finish_reason == "abort"
+    assert all(stats[f"state.{s}"] == 0 for s in ("prefilling", "transferring", "decoding", "waiting_for_kv"))
+
+
+def test_states_stages_and_transfers_are_in_the_metrics(fleet: Fleet) -> None:
+    import urllib.request
+
+    def scrape(port: int) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    router = scrape(fleet.router.metrics_port)
+    for stage in ("waiting_for_reservation", "prefilling", "transferring", "waiting_for_kv", "decoding"):
+        assert f'dcpd_requests_in_state{{state="{stage}"}}' in router
+    # waiting_for_kv is only entered when the prefill peer's report beats the decode peer's first token
+    for stage in ("waiting_for_reservation", "prefilling", "transferring", "decoding"):
+        assert f'dcpd_stage_seconds_count{{stage="{stage}"}}' in router
+    assert 'dcpd_peers{role="decode"} 2.0' in router and 'dcpd_request_retries_total{why="peer_died"}' in router
+    live = [peer for name, peer in fleet.peers.items() if name.startswith("prefill") and peer.proc.poll() is None]
+    prefill = [scrape(peer.metrics_port) for peer in live]
+    totals = [float(line.split()[-1]) for text in prefill for line in text.splitlines()
+              if line.startswith("dcpd_kv_transfer_bytes_total")]  # fmt: skip
+    assert sum(totals) > 0
+
+
+def test_a_peer_with_another_layout_is_refused_at_registration(fleet: Fleet) -> None:
+    name = fleet.add("decode", "engine.block_size=32", wait=False)
+    assert fleet.peers[name].proc.wait(120) == 78  # EX_CONFIG: systemd does not restart it
+    router_log, peer_log = fleet.router.log_text(), fleet.peers[name].log_text()
+    for log in (router_log, peer_log):
+        assert f"cannot exchange KV with us: block_size: decode peer {name} has 32, we have 16" in log
+    assert name not in {k.split(".")[1] for k in fleet.wait_registered() if k.startswith("peer.")}
