@@ -12,22 +12,37 @@ them. Throughput = bytes / (first send -> last acknowledgment); rounds
 alternate ours and raw, medians reported. `transfer_ratio_vs_raw_zmq` is the
 median over cases of ours / raw.
 
-Not measured yet: TTFT of a --prefill 1 --decode 1 cluster vs the unified
-daemon (the prefill/decode roles do not exist yet).
+TTFT: a random Llama checkpoint with the KV shape of the first case (8 layers,
+8 KV heads, head dim 64; hidden 512, vocab 8000, fp32) is served by a unified
+daemon and by `dcpd cluster --prefill 1 --decode 1` (ipc endpoints), every
+daemon with `engine.threads = --threads` (default 2: this machine's cores).
+TTFT = client-side time from sending a streamed Generate of a fresh random
+2,048-token prompt to its first token chunk; `--ttft-requests` sequential
+requests per round, `--rounds` rounds alternating unified and cluster,
+medians. `ttft_ratio_disagg_vs_unified` = cluster median / unified median.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import multiprocessing as mp
+import os
+import random
+import signal
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 import zmq
 from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 
+from dcpd.client import AsyncClient
 from dcpd.disagg.transfer import KVReceiver, KVSender
 from dcpd.kv.cache import PagedKVCache
 
@@ -135,16 +150,113 @@ def raw(case: str, requests: int) -> tuple[float, int]:
     return elapsed, received
 
 
+def build_checkpoint(path: str) -> None:
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)  # fmt: skip
+    HFLlama(config).float().save_pretrained(path, safe_serialization=True)
+
+
+def start_unified(model: str, tmp: str, threads: int) -> tuple[subprocess.Popen, str]:
+    endpoint = f"ipc://{tmp}/u"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"{tmp}/n")
+    notify.settimeout(300)
+    args = [
+        sys.executable,
+        "-m",
+        "dcpd.cli",
+        "serve",
+        "--model",
+        model,
+        "--frontend",
+        endpoint,
+        "--set",
+        "metrics.enabled=false",
+        "--set",
+        'logging.level="warning"',
+        "--set",
+        f"engine.threads={threads}",
+    ]
+    log = open(f"{tmp}/unified.log", "w")
+    proc = subprocess.Popen(args, env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/n"}, stdout=log, stderr=log)
+    while b"READY=1" not in notify.recv(4096):
+        pass
+    notify.close()
+    os.unlink(f"{tmp}/n")
+    return proc, endpoint
+
+
+def start_cluster(model: str, tmp: str, threads: int) -> tuple[subprocess.Popen, str]:
+    endpoint = f"ipc://{tmp}/c"
+    args = [sys.executable, "-m", "dcpd.cli", "cluster", "--model", model, "--prefill", "1", "--decode", "1",
+            "--frontend", endpoint, "--set", "metrics.enabled=false", "--set", "logging.level=\"warning\"",
+            "--set", f"engine.threads={threads}"]  # fmt: skip
+    out = open(f"{tmp}/cluster.out", "w")
+    err = open(f"{tmp}/cluster.log", "w")
+    proc = subprocess.Popen(args, stdout=out, stderr=err)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with open(f"{tmp}/cluster.out") as f:
+            if any(json.loads(line).get("event") == "cluster ready" for line in f if line.strip()):
+                return proc, endpoint
+        if proc.poll() is not None:
+            raise RuntimeError(f"cluster exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError("cluster not ready")
+
+
+async def measure_ttft(endpoint: str, requests: int, prompt_tokens: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    ttfts = []
+    async with AsyncClient(endpoint, timeout=300) as client:
+        for _ in range(requests):
+            prompt = [rng.randrange(8000) for _ in range(prompt_tokens)]
+            start = time.perf_counter()
+            stream = await client.generate(prompt_ids=prompt, max_tokens=2, temperature=0.0, ignore_eos=True)
+            async for _ in stream:
+                ttfts.append(time.perf_counter() - start)
+                break
+            await stream.collect()
+    return ttfts
+
+
+def ttft(rounds: int, requests: int, threads: int) -> dict[str, object]:
+    unified, disagg = [], []
+    with tempfile.TemporaryDirectory(prefix="dcpt", dir="/tmp") as tmp:
+        model = f"{tmp}/model"
+        build_checkpoint(model)
+        for r in range(rounds):
+            for start, out in ((start_unified, unified), (start_cluster, disagg)):
+                proc, endpoint = start(model, tmp, threads)
+                try:
+                    asyncio.run(measure_ttft(endpoint, 1, TOKENS, seed=999))  # warm-up
+                    out += asyncio.run(measure_ttft(endpoint, requests, TOKENS, seed=r))
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(120)
+    u, d = statistics.median(unified), statistics.median(disagg)
+    return {"ttft_threads_per_daemon": threads, "ttft_prompt_tokens": TOKENS, "ttft_unified_ms": u * 1e3,
+            "ttft_disagg_1p1d_ms": d * 1e3, "ttft_ratio_disagg_vs_unified": d / u}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ttft-requests", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="compute threads of every daemon (TTFT)")
+    parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--skip-transfer", action="store_true")
     args = parser.parse_args()
     result: dict[str, object] = {"tokens": TOKENS, "requests": args.requests, "rounds": args.rounds,
                                  "torch_threads": torch.get_num_threads()}  # fmt: skip
     ratios = []
-    for case, (layers, heads, dim, dtype) in CASES.items():
+    for case, (layers, heads, dim, dtype) in CASES.items() if not args.skip_transfer else ():
         ours_gbs, raw_gbs = [], []
         for _ in range(args.rounds):
             seconds, nbytes = ours(case, args.requests)
@@ -160,7 +272,10 @@ def main() -> None:
             "raw_zmq_gb_s": raw_med,
             "ratio": ours_med / raw_med,
         }
-    result["transfer_ratio_vs_raw_zmq"] = statistics.median(ratios)
+    if ratios:
+        result["transfer_ratio_vs_raw_zmq"] = statistics.median(ratios)
+    if not args.skip_ttft:
+        result.update(ttft(args.rounds, args.ttft_requests, args.threads))
     emit(result, args.json)
 
 
