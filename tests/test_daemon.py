@@ -270,6 +270,22 @@ def test_bad_config_exits_78_with_one_line(tmp_path) -> None:
     assert proc.returncode == 78 and "does not exist" in proc.stderr
 
 
-def test_shipped_config_is_valid() -> None:
-    proc = dcpd("check-config", "config/dcpd.toml")
+@pytest.mark.parametrize("name", ["dcpd", "router", "prefill", "decode"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    proc = dcpd("check-config", f"config/{name}.toml")
     assert proc.returncode == 0, proc.stderr
+    from dcpd.config import load_config
+
+    assert load_config(f"config/{name}.toml").server.role == ("unified" if name == "dcpd" else name)
+
+
+def test_documented_config_lists_every_key_with_its_default() -> None:
+    import tomllib
+
+    import msgspec
+
+    from dcpd.config import Config
+
+    documented = tomllib.loads(open("config/dcpd.toml").read())
+    defaults = msgspec.to_builtins(Config())
+    assert documented == defaults

@@ -193,3 +193,34 @@ def test_a_peer_with_another_layout_is_refused_at_registration(fleet: Fleet) -> 
     for log in (router_log, peer_log):
         assert f"cannot exchange KV with us: block_size: decode peer {name} has 32, we have 16" in log
     assert name not in {k.split(".")[1] for k in fleet.wait_registered() if k.startswith("peer.")}
+
+
+def test_bad_peer_messages_get_an_answer_and_the_router_keeps_serving(fleet: Fleet, reference) -> None:
+    import zmq
+
+    from dcpd.disagg import messages as m
+
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.ROUTING_ID, b"rogue")
+    rogue.connect(fleet.router_endpoint)
+    try:
+        rogue.send(b"\x93not a control message")  # undecodable: logged, ignored
+        rogue.send(m.encode(m.Reserved(key="x#1", ok=True)))  # from a peer that never registered
+        assert rogue.poll(10000)
+        reply = m.decode_router(rogue.recv())
+        assert isinstance(reply, m.Registered) and not reply.ok and "not registered" in reply.error
+    finally:
+        rogue.close(linger=0)
+        ctx.term()
+    with pytest.raises(m.ControlError, match="control protocol version 9"):
+        load = m.PeerLoad(waiting=0, running=0, kv_blocks_free=1, kv_blocks_total=1, kv_blocks_reserve=0)
+        m.decode_peer(m.encode(m.Heartbeat(load=load, v=9)))
+
+    async def still_serving():
+        async with AsyncClient(fleet.frontend, timeout=60) as client:
+            stream = await client.generate(prompt_ids=LONG_PROMPT, max_tokens=8, **GREEDY)
+            return (await stream.collect()).token_ids
+
+    assert asyncio.run(still_serving()) == reference["long"]
+    assert "bad message from a peer" in fleet.router.log_text()
