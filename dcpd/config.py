@@ -50,6 +50,9 @@ class DisaggSection(_Section):
     kv_lease_s: float = 120.0  # prefill: KV held for an unacknowledged transfer is freed after this
     queue_timeout_s: float = 60.0  # router: a request waits this long for a decode peer with free blocks
     max_attempts: int = 3  # router: tries per request (a new pair after a peer fails before any token)
+    # Conditional disaggregation (router): prefill on the decode peer itself, skipping the KV transfer,
+    local_prefill_max_tokens: int = 0  # for prompts of at most this many tokens (0: never)
+    local_prefill_queue: int = 0  # or when every prefill peer has at least this many requests (0: never)
 
 
 class ModelSection(_Section):
@@ -140,6 +143,9 @@ def _check_values(config: Config) -> None:
             f"disagg.peer_timeout_s = {d.peer_timeout_s}: must exceed two heartbeat intervals "
             f"({2 * d.heartbeat_interval_s} s)"
         )
+    for key in ("local_prefill_max_tokens", "local_prefill_queue"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be >= 0")
     if d.max_attempts < 1:
         raise ConfigError(f"disagg.max_attempts = {d.max_attempts}: must be >= 1")
     if config.server.drain_timeout_s < 0:

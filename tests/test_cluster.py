@@ -41,12 +41,12 @@ def reference() -> list[list[int]]:
 
 
 class ClusterProcess:
-    def __init__(self, prefill: int, decode: int) -> None:
+    def __init__(self, prefill: int, decode: int, *settings: str) -> None:
         self.tmp = tempfile.mkdtemp(prefix="dcc", dir="/tmp")
         self.frontend = f"ipc://{self.tmp}/f"
         args = [sys.executable, "-m", "dcpd.cli", "cluster", "--prefill", str(prefill), "--decode", str(decode),
                 "--frontend", self.frontend]  # fmt: skip
-        for item in CHILD_SETTINGS:
+        for item in [*CHILD_SETTINGS, *settings]:
             args += ["--set", item]
         self.out = open(f"{self.tmp}/out", "w+")
         self.err = open(f"{self.tmp}/err", "w+")
@@ -111,9 +111,14 @@ async def generate_all(frontend: str, stream: bool) -> list[list[int]]:
         return list(await asyncio.gather(*(one(p) for p in prompts())))
 
 
-@pytest.mark.parametrize(("prefill", "decode"), [(1, 1), (2, 2)])
-def test_cluster_is_token_identical_to_offline(prefill: int, decode: int, reference: list[list[int]]) -> None:
-    cluster = ClusterProcess(prefill, decode)
+LOCAL_PREFILL = "disagg.local_prefill_max_tokens=64"  # conditional disaggregation: short prompts stay local
+
+
+@pytest.mark.parametrize(("prefill", "decode", "settings"), [(1, 1, ()), (2, 2, ()), (1, 1, (LOCAL_PREFILL,))])
+def test_cluster_is_token_identical_to_offline(
+    prefill: int, decode: int, settings: tuple[str, ...], reference: list[list[int]]
+) -> None:
+    cluster = ClusterProcess(prefill, decode, *settings)
     try:
         pids = cluster.ready["pids"]
         assert len(pids["prefill"]) == prefill and len(pids["decode"]) == decode
@@ -130,7 +135,11 @@ def test_cluster_is_token_identical_to_offline(prefill: int, decode: int, refere
         if decode == 2:  # the load balancer used both decode peers
             log = cluster.log()
             assert all(f'"peer": "decode-{i}"' in log and "decoding" in log for i in range(2))
-        assert '"event": "transferring"' in cluster.log()
+        log = cluster.log()
+        assert '"event": "transferring"' in log
+        local = log.count('"event": "prefilling on the decode peer"')
+        short = sum(n <= 64 for n in PROMPT_LENGTHS)
+        assert local == (2 * short if settings else 0)  # two passes (streamed and not) over the prompts
     finally:
         code = cluster.stop()
     assert code == 0, cluster.log()[-3000:]

@@ -184,6 +184,7 @@ def test_states_stages_and_transfers_are_in_the_metrics(fleet: Fleet) -> None:
     totals = [float(line.split()[-1]) for text in prefill for line in text.splitlines()
               if line.startswith("dcpd_kv_transfer_bytes_total")]  # fmt: skip
     assert sum(totals) > 0
+    assert all("dcpd_kv_transfer_gb_per_second_count" in text for text in prefill)
 
 
 def test_a_peer_with_another_layout_is_refused_at_registration(fleet: Fleet) -> None:

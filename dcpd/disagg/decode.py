@@ -1,5 +1,8 @@
 """The decode peer: reserves blocks before a prefill starts, receives the KV into them, and decodes.
 
+Conditional disaggregation: a `Reserve` with `prefill_here` queues the whole
+request in this engine (prefill included), with no KV transfer.
+
 A `Reserve` from the router allocates the prompt's blocks up front (a full peer
 answers `kv_full` at once rather than failing mid-transfer), and tells the KV
 thread to expect them. When the last chunk arrives with the first token, the
@@ -111,6 +114,16 @@ class DecodePeer(PeerService):
         """Between steps: reserve the prompt's blocks and expect its KV, or refuse."""
         key = message.key
         params = sampling_params(message.sampling)
+        if message.prefill_here:
+            try:
+                self.engine.add_request(message.prompt_ids, params, request_id=key)
+            except RequestError as exc:
+                self._send(m.Reserved(key=key, ok=False, code="invalid_request", error=str(exc)))
+                return
+            self.active.add(key)
+            log.info("prefilling here", key=key, prompt_tokens=len(message.prompt_ids))
+            self._send(m.Reserved(key=key, ok=True))
+            return
         try:
             prompt = self.engine.validate_request(message.prompt_ids, params)
             blocks = self.engine.reserve_blocks(key, len(prompt))

@@ -9,7 +9,8 @@ they go straight from a prefill peer to a decode peer (see transfer.py).
 
 A request's life, keyed by `key` (the router's id for one attempt of one request):
 
-    router --Reserve--> decode        decode reserves blocks for the prompt (or refuses: full)
+    router --Reserve--> decode        decode reserves blocks for the prompt (or refuses: full);
+                                      with prefill_here, it queues the whole request itself instead
     decode --Reserved--> router
     router --Prefill--> prefill       prefill computes; after each chunk, pushes finished blocks
     prefill --Transferring--> router  (first KV chunk sent)
@@ -102,6 +103,7 @@ class Reserve(_Control, tag="reserve"):
     key: str
     prompt_ids: list[int]
     sampling: SamplingOptions
+    prefill_here: bool = False  # conditional disaggregation: the decode peer runs the prefill itself
 
 
 class Prefill(_Control, tag="prefill"):

@@ -190,6 +190,7 @@ class PrefillPeer(PeerService):
         if ack.ok:
             self.metrics.transfer_seconds.observe(seconds)
             gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+            self.metrics.transfer_throughput.observe(gbps)
             log.info("transferred", key=key, bytes=nbytes, transfer_ms=round(seconds * 1e3, 2), gb_per_s=round(gbps, 3),
                      prefill_ms=round((time.monotonic() - job.started) * 1e3, 2))  # fmt: skip
         else:

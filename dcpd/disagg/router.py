@@ -77,6 +77,7 @@ class Route:
     prefill: str | None = None
     queued: bool = False
     queued_since: float = 0.0
+    local: bool = False  # conditional disaggregation: this attempt prefills on its decode peer
 
 
 class Router(Frontend):
@@ -301,9 +302,20 @@ class Router(Frontend):
         route.decode = peer.name
         peer.keys.add(route.key)
         route.deadline = now + self.config.disagg.reserve_timeout_s
+        route.local = self._prefill_locally(route)
         req = route.request
-        self._send_peer(peer, m.Reserve(key=route.key, prompt_ids=req.prompt_ids, sampling=route.sampling))
+        self._send_peer(peer, m.Reserve(key=route.key, prompt_ids=req.prompt_ids, sampling=route.sampling,
+                                        prefill_here=route.local))  # fmt: skip
         return True
+
+    def _prefill_locally(self, route: Route) -> bool:
+        """Conditional disaggregation: a short prompt, or a backed-up prefill pool, skips the transfer."""
+        d = self.config.disagg
+        if d.local_prefill_max_tokens and len(route.request.prompt_ids) <= d.local_prefill_max_tokens:
+            return True
+        prefills = self._live("prefill")
+        return bool(d.local_prefill_queue and prefills and
+                    all(len(p.keys) + p.load.waiting >= d.local_prefill_queue for p in prefills))  # fmt: skip
 
     def _on_reserved(self, route: Route, peer: Peer, message: m.Reserved) -> None:
         if route.stage is not Stage.WAITING_FOR_RESERVATION or route.decode != peer.name:
@@ -319,6 +331,10 @@ class Router(Frontend):
             route.queued, route.queued_since = True, time.monotonic()
             route.deadline = float("inf")
             self.queue.appendleft(route)
+            return
+        if route.local:
+            log.info("prefilling on the decode peer", key=route.key, peer=peer.name)
+            self._advance(route, Stage.PREFILLING, self.config.disagg.prefill_timeout_s)
             return
         prefills = self._live("prefill")
         if not prefills:

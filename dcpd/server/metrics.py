@@ -31,6 +31,10 @@ class Metrics:
         self.transfer_seconds = Histogram(
             "dcpd_kv_transfer_seconds", "KV push time, first chunk sent to ack", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.transfer_throughput = Histogram(
+            "dcpd_kv_transfer_gb_per_second", "KV push throughput per request (GB/s)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), registry=r,
+        )  # fmt: skip
         self.transfer_failures = Counter("dcpd_kv_transfer_failures", "KV transfers that failed", registry=r)
         self.request_states = Gauge("dcpd_requests_in_state", "Requests in each routing state", ["state"], registry=r)
         self.stage_seconds = Histogram(
