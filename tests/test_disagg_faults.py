@@ -225,3 +225,49 @@ def test_bad_peer_messages_get_an_answer_and_the_router_keeps_serving(fleet: Fle
 
     assert asyncio.run(still_serving()) == reference["long"]
     assert "bad message from a peer" in fleet.router.log_text()
+
+
+def test_router_killed_peers_free_everything_and_join_a_new_router() -> None:
+    import urllib.request
+
+    from tests.daemon_harness import DaemonProcess, start_daemon
+
+    def kv_free(peer: DaemonProcess) -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{peer.metrics_port}/metrics", timeout=10).read().decode()
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("dcpd_kv")}
+        return values["dcpd_kv_blocks_free"], values["dcpd_kv_blocks_free"] + values["dcpd_kv_blocks_used"]
+
+    fleet = Fleet()
+    try:
+        fleet.add("prefill", wait=False)
+        fleet.add("decode", wait=False)
+        fleet.wait_registered()
+
+        async def start_long_request() -> None:
+            client = AsyncClient(fleet.frontend, timeout=60)
+            stream = await client.generate(prompt_ids=SHORT_PROMPT, max_tokens=1900, **GREEDY)
+            async for _ in stream:
+                break  # decoding: the decode peer holds its blocks
+            await client.close()
+
+        asyncio.run(start_long_request())
+        fleet.router.proc.kill()
+        fleet.router.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(kv_free(peer)[0] != kv_free(peer)[1] for peer in fleet.peers.values()):
+            assert time.monotonic() < deadline, "a peer kept blocks after its router died"
+            time.sleep(0.2)
+        fleet.router.stop(5)
+        fleet.router = start_daemon(*fleet.settings, extra_args=["--role", "router"])  # same router endpoint
+        fleet.wait_registered()
+
+        async def generate() -> list[int]:
+            async with AsyncClient(fleet.frontend, timeout=60) as client:
+                stream = await client.generate(prompt_ids=SHORT_PROMPT, max_tokens=4, **GREEDY)
+                return (await stream.collect()).token_ids
+
+        assert len(asyncio.run(generate())) == 4
+        for peer in fleet.peers.values():
+            assert "registering again" in peer.log_text() or "router silent" in peer.log_text()
+    finally:
+        fleet.stop()
