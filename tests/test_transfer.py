@@ -108,3 +108,19 @@ def test_truncated_payload_and_missing_layers() -> None:
     assert ack is not None and not ack.ok and "6 (layer, block) pairs are missing, from layer 1 block 0" in ack.error
     ack = receiver.handle(b"\x81\xa1x\x01", slabs)
     assert ack is not None and "bad chunk header" in ack.error
+
+
+def test_a_dead_receiver_fails_the_send_instead_of_hanging() -> None:
+    import time
+
+    src = filled_cache()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
+        ctx = zmq.Context()
+        sender = KVSender(src, f"ipc://{tmp}/nobody", context=ctx, timeout_s=0.2)
+        for blocks in ([20, 21, 22], [5, 9, 40]):  # zero-copy slabs, and staged ones
+            start = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"took no KV for 0\.2 s"):
+                sender.send_chunk("r", 0, blocks, layers=(0, 4), last=True)
+            assert time.monotonic() - start < 5
+        sender.close()
+        ctx.term()

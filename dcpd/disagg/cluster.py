@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dcpd.client import Client, DcpdError
@@ -55,14 +57,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the cluster process dies (Linux), so no daemon is orphaned."""
-    try:
-        import ctypes
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For the child, before exec: get SIGTERM if the cluster process dies (Linux), so no daemon is orphaned."""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    def arm() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 def _log(event: str, **fields: object) -> None:
@@ -77,6 +85,7 @@ class Cluster:
         self.router_endpoint = f"ipc://{self.runtime}/router"
         self.children: list[Child] = []
         self.stopping = False
+        self.force = False  # a second signal: kill the children now
 
     def _spawn(self, role: str, name: str, *extra: str) -> Child:
         cmd = [sys.executable, "-m", "dcpd.cli", "serve", "--role", role]
@@ -90,7 +99,7 @@ class Cluster:
             cmd += ["--set", item]
         # children log to our stderr (their JSON lines carry role and name); our stdout has the ready line
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=_die_with_parent(os.getpid()))  # fmt: skip
         child = Child(role, name, proc)
         self.children.append(child)
         return child
@@ -148,9 +157,10 @@ class Cluster:
         return self.stop()
 
     def stop(self) -> int:
-        """Drain: the router first, then the peers; SIGKILL whatever outlives its budget."""
+        """Drain: the router first, then the peers. One budget for all (two drains + margin); whatever
+        outlives it, or everything after a second signal, gets SIGKILL."""
         Notifier().notify("STOPPING=1")
-        budget = load_config(self.args.config, self.args.overrides).server.drain_timeout_s + 30
+        deadline = time.monotonic() + 2 * load_config(self.args.config, self.args.overrides).server.drain_timeout_s + 20
         status = 0
         groups = [self.children[:1], self.children[1:]]
         for group in groups:
@@ -158,12 +168,12 @@ class Cluster:
                 if child.proc.poll() is None:
                     child.proc.send_signal(signal.SIGTERM)
             for child in group:
-                try:
-                    code = child.proc.wait(budget)
-                except subprocess.TimeoutExpired:
+                while child.proc.poll() is None and time.monotonic() < deadline and not self.force:
+                    time.sleep(0.05)
+                if child.proc.poll() is None:
                     _log("child did not drain in time; killed", role=child.role, name=child.name)
                     child.proc.kill()
-                    code = child.proc.wait()
+                code = child.proc.wait()
                 if code != 0:  # a peer killed earlier counts too: the cluster did not end cleanly
                     status = status or (code if code > 0 else 1)
         shutil.rmtree(self.runtime, ignore_errors=True)
@@ -183,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = Cluster(args, args.frontend or config.server.frontend)
 
     def on_signal(signum: int, _frame: object) -> None:
+        cluster.force = cluster.stopping  # a second signal while draining: kill now
         cluster.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -54,6 +54,9 @@ class DecodePeer(PeerService):
         self.active: set[str] = set()  # adopted: decoding in the engine
         self.kv_context = zmq.Context()
         self.ingest: KVIngest | None = None
+        self.generation = 0  # +1 on drop_everything: reservations queued before it are void
+        self.queued_reserves: set[str] = set()  # Reserve received, not yet applied between steps
+        self.cancelled_early: set[str] = set()  # of those, cancelled already: they must not run
 
     def kv_endpoint(self) -> str | None:
         return self.config.disagg.kv_endpoint
@@ -73,8 +76,8 @@ class DecodePeer(PeerService):
             sock.close(linger=0)
             raise
         self.ingest = KVIngest(
-            self.engine.kv_cache, sock, on_done=self._from_thread(self._on_kv), on_cancelled=self._from_thread(
-                self._on_kv_cancelled)
+            self.engine.kv_cache, sock, on_done=self._from_thread(self._on_kv),
+            on_cancelled=self._from_thread(self._on_kv_cancelled), on_crash=self._from_thread(self.crashed),
         )  # fmt: skip
         self.ingest.start()
 
@@ -96,7 +99,9 @@ class DecodePeer(PeerService):
             if self.draining:
                 self._send(m.Reserved(key=message.key, ok=False, code="draining", error="the decode peer is draining"))
             else:
-                self.between_steps(lambda: self._reserve(message))
+                generation = self.generation
+                self.queued_reserves.add(message.key)
+                self.between_steps(lambda: self._reserve(message, generation))
         elif isinstance(message, m.Cancel):
             self._cancel(message.key, report=None)
 
@@ -109,10 +114,16 @@ class DecodePeer(PeerService):
         elif key in self.active:
             self.active.discard(key)
             self.between_steps(lambda: (self.engine.abort_request(key), self.engine.forget(key)))
+        elif key in self.queued_reserves:  # its Reserve is still queued: it must not run
+            self.cancelled_early.add(key)
 
-    def _reserve(self, message: m.Reserve) -> None:
+    def _reserve(self, message: m.Reserve, generation: int) -> None:
         """Between steps: reserve the prompt's blocks and expect its KV, or refuse."""
         key = message.key
+        self.queued_reserves.discard(key)
+        if key in self.cancelled_early or generation != self.generation:
+            self.cancelled_early.discard(key)
+            return
         params = sampling_params(message.sampling)
         if message.prefill_here:
             try:
@@ -202,10 +213,13 @@ class DecodePeer(PeerService):
                 log.warning("no KV arrived in time; reservation freed", key=waiting.key, kv_timeout_s=timeout)
                 self._cancel(waiting.key, report=f"no KV arrived within {timeout} s")
 
-    def drop_everything(self, why: str) -> None:
+    def drop_everything(self, why: str, *, report: bool) -> None:
         if self.awaiting or self.active:
             log.warning("dropping decode requests", awaiting=len(self.awaiting), active=len(self.active), why=why)
+        self.generation += 1
         for key in list(self.awaiting):
-            self._cancel(key, report=None)
+            self._cancel(key, report=why if report else None)
         for key in list(self.active):
             self._cancel(key, report=None)
+            if report:
+                self._send(m.Output(key=key, token_ids=[], finished=True, reason="error", error=why))

@@ -13,10 +13,13 @@ import queue
 import threading
 from collections.abc import Callable
 
+import structlog
 import zmq
 
 from dcpd.disagg.transfer import KVAck, KVReceiver
 from dcpd.kv.cache import PagedKVCache
+
+log = structlog.get_logger("dcpd.ingest")
 
 
 class KVIngest:
@@ -27,9 +30,12 @@ class KVIngest:
         *,
         on_done: Callable[[str, KVAck], None],
         on_cancelled: Callable[[str], None],
+        on_crash: Callable[[], None],
     ) -> None:
-        """`socket` is a bound ROUTER from a sync context; from `start()` on, only this thread uses it."""
+        """`socket` is a bound ROUTER from a sync context; from `start()` on, only this thread uses it.
+        The callbacks run in this thread; `on_crash()` means it died of a bug (the daemon must exit)."""
         self.receiver = KVReceiver(cache)
+        self.on_crash = on_crash
         self.socket = socket
         self.on_done = on_done
         self.on_cancelled = on_cancelled
@@ -58,23 +64,30 @@ class KVIngest:
                 return
             what, key, blocks = command
             if what == "expect":
-                self.receiver.expect(key, blocks)
+                self.receiver.expect(key, blocks)  # keys are unique: the engine refused duplicates
             else:
                 self.receiver.cancel(key)
                 self.on_cancelled(key)
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._apply_commands()
-                if not self.socket.poll(20):
-                    continue
-                # An `expect` queued while we polled precedes the chunk (the router sends the prefill
-                # only after the reservation was made): apply it before handling the message.
-                self._apply_commands()
-                ack = self.receiver.serve_once(self.socket, timeout_ms=0)
-                if ack is not None and ack.request_id:
-                    self.on_done(ack.request_id, ack)
-            self._apply_commands()
+            self._loop()
+        except BaseException:
+            log.exception("the KV ingest thread died")
+            self.on_crash()
+            raise
         finally:
             self.socket.close(linger=0)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.socket.poll(20):
+                continue
+            # An `expect` queued while we polled precedes the chunk (the router sends the prefill
+            # only after the reservation was made): apply it before handling the message.
+            self._apply_commands()
+            ack = self.receiver.serve_once(self.socket, timeout_ms=0)
+            if ack is not None and ack.request_id:
+                self.on_done(ack.request_id, ack)
+        self._apply_commands()

@@ -52,6 +52,7 @@ class Register(_Control, tag="register"):
     kv_endpoint: str | None  # decode peers: where prefill peers push KV
     load: PeerLoad
     pid: int
+    epoch: int = 0  # +1 each time the peer dropped everything to register again (a fresh start)
 
 
 class Heartbeat(_Control, tag="heartbeat"):

@@ -55,6 +55,7 @@ class PeerService(Service):
         self.layout = PeerLayout.describe(loaded.config, self.engine.kv_cache)
         self.control: zmq.asyncio.Socket | None = None
         self.registered = False
+        self.epoch = 0
         self.last_heard = time.monotonic()
         self.ops: list[Callable[[], None]] = []  # applied between steps, in order
         self.work = asyncio.Event()
@@ -76,8 +77,9 @@ class PeerService(Service):
     def housekeeping(self) -> None:
         """Every heartbeat interval, on the loop: timeouts and leases."""
 
-    def drop_everything(self, why: str) -> None:
-        """The router is gone or forgot us: free every request's blocks."""
+    def drop_everything(self, why: str, *, report: bool) -> None:
+        """Free every request's blocks. `report`: tell the router each one failed (it is still there:
+        a failed step, the drain deadline); otherwise the router is gone or forgot us."""
         raise NotImplementedError
 
     def idle(self) -> bool:
@@ -114,7 +116,7 @@ class PeerService(Service):
     def on_drain_deadline(self) -> None:
         if not self.idle():
             log.warning("drain budget exceeded; dropping what is left")
-            self.drop_everything("drain budget exceeded")
+            self.drop_everything("drain budget exceeded", report=True)
             self.work.set()
 
     # -- control channel ----------------------------------------------------------------------------
@@ -144,14 +146,16 @@ class PeerService(Service):
                 self._send(m.Heartbeat(load=self.load()))
             else:
                 self._send(m.Register(name=self.name, role=self.role, layout=self.layout,  # type: ignore[arg-type]
-                                      kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid()))  # fmt: skip
+                                      kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid(),
+                                      epoch=self.epoch))  # fmt: skip
             self.housekeeping()
             self._update_gauges()
             await asyncio.sleep(d.heartbeat_interval_s)
 
     def _lost_router(self, why: str) -> None:
         self.registered = False
-        self.drop_everything(why)
+        self.epoch += 1  # the router must treat our next registration as a fresh start
+        self.drop_everything(why, report=False)
         self.notifier.notify(f"STATUS={self.role} peer: {why}; registering again")
         self.work.set()
 
@@ -219,7 +223,7 @@ class PeerService(Service):
                 outputs = await self.worker.run_in_step_thread(self.make_step())
             except Exception:
                 log.exception("engine step failed")
-                self.drop_everything("engine step failed")
+                self.drop_everything("engine step failed", report=True)
                 continue
             self.metrics.steps.inc()
             self.after_step(outputs)

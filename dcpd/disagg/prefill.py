@@ -68,6 +68,7 @@ class PrefillPeer(PeerService):
             self.engine.kv_cache,
             on_first_chunk=self._from_thread(self._on_first_chunk),
             on_done=self._from_thread(self._on_pushed),
+            on_crash=self._from_thread(self.crashed),
             send_timeout_s=self.config.disagg.peer_timeout_s,
         )
         self.pusher.start()
@@ -210,11 +211,14 @@ class PrefillPeer(PeerService):
         if self.engine.held_kv:
             self.between_steps(expire)
 
-    def drop_everything(self, why: str) -> None:
-        for key in self.jobs:
-            self.pusher.forget(key)
+    def drop_everything(self, why: str, *, report: bool) -> None:
         if self.jobs:
             log.warning("dropping prefill requests", requests=len(self.jobs), why=why)
+        for key in list(self.jobs):
+            if report:
+                self._fail(key, why)
+            else:
+                self.pusher.forget(key)
         self.jobs.clear()
 
         def drop_all() -> None:

@@ -48,10 +48,13 @@ class KVPusher:
         *,
         on_first_chunk: Callable[[str], None],
         on_done: Callable[[str, KVAck, int, float], None],
+        on_crash: Callable[[], None],
         send_timeout_s: float,
     ) -> None:
-        """`on_first_chunk(key)` and `on_done(key, ack, bytes, seconds)` are called in this thread."""
+        """`on_first_chunk(key)`, `on_done(key, ack, bytes, seconds)` and `on_crash()` (the thread died
+        of a bug: the daemon must exit) are called in this thread."""
         self.cache = cache
+        self.on_crash = on_crash
         self.on_first_chunk = on_first_chunk
         self.on_done = on_done
         self.send_timeout_ms = int(send_timeout_s * 1000)
@@ -59,6 +62,7 @@ class KVPusher:
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
         self.senders: dict[str, KVSender] = {}
         self.pending: dict[str, _Pending] = {}  # key -> transfer awaiting its ack
+        self.dead_until: dict[str, float] = {}  # endpoint -> until when chunks for it fail at once
         self.thread = threading.Thread(target=self._run, name="dcpd-kv-push", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------------
@@ -83,22 +87,29 @@ class KVPusher:
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
-                try:
-                    item = self.queue.get(timeout=0.002 if self.pending else 0.05)
-                except queue.Empty:
-                    item = ()
-                if item is None:
-                    return
-                if isinstance(item, Chunk):
-                    self._send(item)
-                elif item:
-                    self._command(*item)
-                self._poll_acks()
+            self._loop()
+        except BaseException:
+            log.exception("the KV push thread died")
+            self.on_crash()
+            raise
         finally:
             for sender in self.senders.values():
                 sender.socket.close(linger=0)
             self.context.term()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.002 if self.pending else 0.05)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if isinstance(item, Chunk):
+                self._send(item)
+            elif item:
+                self._command(*item)
+            self._poll_acks()
 
     def _command(self, what: str, arg: str) -> None:
         if what == "forget":
@@ -113,8 +124,7 @@ class KVPusher:
     def _sender(self, endpoint: str) -> KVSender:
         sender = self.senders.get(endpoint)
         if sender is None:
-            sender = KVSender(self.cache, endpoint, context=self.context)
-            sender.socket.setsockopt(zmq.SNDTIMEO, self.send_timeout_ms)  # a stuck peer fails the send
+            sender = KVSender(self.cache, endpoint, context=self.context, timeout_s=self.send_timeout_ms / 1000)
             self.senders[endpoint] = sender
         return sender
 
@@ -125,15 +135,21 @@ class KVPusher:
         state = self.pending.get(chunk.key)
         if state is None:  # forgotten (cancelled) or already failed
             return
+        if self.dead_until.get(chunk.endpoint, 0.0) > time.monotonic():
+            self._fail(chunk.key, f"decode peer at {chunk.endpoint} is not taking KV")
+            return
         try:
             state.bytes += self._sender(chunk.endpoint).send_chunk(
                 chunk.key, chunk.seq, chunk.block_ids, layers=(0, self.cache.num_layers),
                 block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
             )  # fmt: skip
-        except zmq.Again:
-            self._fail(chunk.key, f"decode peer at {chunk.endpoint} took no KV for {self.send_timeout_ms} ms")
-        except zmq.ZMQError as exc:
-            self._fail(chunk.key, f"sending KV to {chunk.endpoint} failed: {exc}")
+        except TimeoutError as exc:  # a dead or stuck decode peer: fail its transfers, start afresh
+            self._fail(chunk.key, f"decode peer at {chunk.endpoint}: {exc}")
+            self._command("drop", chunk.endpoint)
+            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_ms / 1000
+        except Exception as exc:
+            log.exception("sending KV failed", key=chunk.key)
+            self._fail(chunk.key, f"sending KV to {chunk.endpoint} failed: {exc!r}")
 
     def _fail(self, key: str, error: str) -> None:
         state = self.pending.pop(key, None)
@@ -142,8 +158,15 @@ class KVPusher:
             self.on_done(key, ack, state.bytes, time.monotonic() - state.started)
 
     def _poll_acks(self) -> None:
-        for sender in list(self.senders.values()):
-            while (ack := sender.poll_ack()) is not None:
+        for endpoint, sender in list(self.senders.items()):
+            while True:
+                try:
+                    ack = sender.poll_ack()
+                except Exception:
+                    log.exception("bad KV acknowledgment", endpoint=endpoint)
+                    continue
+                if ack is None:
+                    break
                 state = self.pending.pop(ack.request_id, None)
                 if state is None:
                     log.debug("ack for a request no longer pending", key=ack.request_id, ok=ack.ok)

@@ -39,6 +39,12 @@ from dcpd.server.frontend import ClientRequest, Frontend
 
 log = structlog.get_logger("dcpd.router")
 
+
+def _log_send_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("reply to an unregistered peer not sent", error=repr(future.exception()))
+
+
 TICK_S = 0.02  # how often timeouts, dead peers and the queue are checked
 
 
@@ -58,6 +64,7 @@ class Peer:
     kv_endpoint: str | None
     load: m.PeerLoad
     pid: int
+    epoch: int
     last_seen: float = field(default_factory=time.monotonic)
     keys: set[str] = field(default_factory=set)  # attempts this peer works on
     full_until: float = 0.0  # refused a reservation (full): skip it until its next heartbeat
@@ -78,6 +85,7 @@ class Route:
     queued: bool = False
     queued_since: float = 0.0
     local: bool = False  # conditional disaggregation: this attempt prefills on its decode peer
+    failed_peers: set[str] = field(default_factory=set)  # peers an earlier attempt failed on (avoided)
 
 
 class Router(Frontend):
@@ -106,7 +114,7 @@ class Router(Frontend):
     def close(self) -> None:
         super().close()
         if self.peer_socket is not None:
-            self.peer_socket.close(linger=0)
+            self.peer_socket.close(linger=1000)  # let the last Cancels reach the peers
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "router_endpoint": self.config.disagg.router_endpoint}
@@ -173,12 +181,16 @@ class Router(Frontend):
 
     def _send_peer(self, peer: Peer, message: m._Control) -> None:
         future = self.peer_socket.send_multipart([peer.identity, m.encode(message)], flags=zmq.NOBLOCK)
-        future.add_done_callback(lambda f, name=peer.name: self._peer_send_done(name, f))
+        future.add_done_callback(lambda f: self._peer_send_done(peer, f))
 
-    def _peer_send_done(self, name: str, future: asyncio.Future) -> None:
+    def _peer_send_done(self, peer: Peer, future: asyncio.Future) -> None:
         exc = None if future.cancelled() else future.exception()
-        if exc is not None and name in self.peers:
-            self._drop_peer(self.peers[name], f"unreachable ({exc})")
+        if exc is not None and self.peers.get(peer.name) is peer:  # not a newer peer of that name
+            self._drop_peer(peer, f"unreachable ({exc})")
+
+    def _reply_unregistered(self, identity: bytes, message: m.Registered) -> None:
+        future = self.peer_socket.send_multipart([identity, m.encode(message)], flags=zmq.NOBLOCK)
+        future.add_done_callback(_log_send_failure)
 
     async def _peer_loop(self) -> None:
         while True:
@@ -207,8 +219,8 @@ class Router(Frontend):
             return
         peer = self.peers.get(name)
         if peer is None:
-            reply = m.Registered(ok=False, error=f"peer {name!r} is not registered: register again")
-            self.peer_socket.send_multipart([identity, m.encode(reply)], flags=zmq.NOBLOCK)
+            self._reply_unregistered(identity, m.Registered(ok=False, error=f"peer {name!r} is not registered: "
+                                                                                 "register again"))  # fmt: skip
             return
         peer.last_seen = time.monotonic()
         if isinstance(message, m.Heartbeat):
@@ -224,7 +236,8 @@ class Router(Frontend):
         if isinstance(message, m.Reserved):
             self._on_reserved(route, peer, message)
         elif isinstance(message, m.Transferring):
-            self._advance(route, Stage.TRANSFERRING)
+            if route.stage is Stage.PREFILLING and route.prefill == peer.name:
+                self._advance(route, Stage.TRANSFERRING, route.deadline - time.monotonic())  # same deadline
         elif isinstance(message, m.PrefillDone):
             self._on_prefill_done(route, peer, message)
         elif isinstance(message, m.Output):
@@ -238,16 +251,15 @@ class Router(Frontend):
                 raise PeerMismatch(f"decode peer {name} gave no kv_endpoint")
         except PeerMismatch as exc:
             log.error("peer refused", peer=name, error=str(exc))
-            reply = m.Registered(ok=False, error=str(exc), fatal=True)
-            self.peer_socket.send_multipart([identity, m.encode(reply)], flags=zmq.NOBLOCK)
+            self._reply_unregistered(identity, m.Registered(ok=False, error=str(exc), fatal=True))
             return
         old = self.peers.get(name)
         if old is not None:
-            if old.pid == message.pid and old.role == message.role:  # a repeated Register: our reply was late
+            if (old.pid, old.epoch, old.role) == (message.pid, message.epoch, message.role):  # our reply was late
                 self._send_peer(old, m.Registered(ok=True))
                 return
             self._drop_peer(old, "registered again (restarted)")
-        peer = Peer(name, message.role, identity, message.kv_endpoint, message.load, message.pid)
+        peer = Peer(name, message.role, identity, message.kv_endpoint, message.load, message.pid, message.epoch)
         self.peers[name] = peer
         log.info("peer registered", peer=name, role=message.role, pid=message.pid, kv_endpoint=message.kv_endpoint,
                  kv_blocks=message.load.kv_blocks_total)  # fmt: skip
@@ -259,12 +271,12 @@ class Router(Frontend):
             return
         log.warning("peer dropped", peer=peer.name, role=peer.role, why=why, requests=len(peer.keys))
         if peer.role == "decode" and peer.kv_endpoint:
-            for other in self._live("prefill"):
+            for other in [p for p in self.peers.values() if p.role == "prefill"]:  # draining ones too
                 self._send_peer(other, m.DropPeer(kv_endpoint=peer.kv_endpoint))
         for key in list(peer.keys):
             route = self.routes.get(key)
             if route is not None:
-                self._attempt_failed(route, f"{peer.role} peer {peer.name} {why}", "peer_died")
+                self._attempt_failed(route, f"{peer.role} peer {peer.name} {why}", "peer_died", peer.name)
         self._update_peer_gauges()
 
     # -- a request's stages --------------------------------------------------------------------------
@@ -280,11 +292,18 @@ class Router(Frontend):
         route.key = f"{route.request.key}#{route.attempt}"
         route.stage, route.since, route.deadline = Stage.WAITING_FOR_RESERVATION, time.monotonic(), float("inf")
         route.decode = route.prefill = None
+        route.queued_since = 0.0
         self.routes[route.key] = route
         if not self._try_reserve(route):
-            route.queued, route.queued_since = True, time.monotonic()
+            self._enqueue(route)
             self.queue.append(route)
             log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
+
+    @staticmethod
+    def _enqueue(route: Route) -> None:
+        """Mark a route queued; its queue_timeout_s counts from the first time in this attempt."""
+        route.queued = True
+        route.queued_since = route.queued_since or time.monotonic()
 
     def _decode_room(self, peer: Peer) -> int:
         """Blocks this decode peer could still reserve, counting reservations sent since its heartbeat."""
@@ -298,6 +317,8 @@ class Router(Frontend):
         candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
         if not candidates:
             return False
+        fresh = [(room, peer) for room, peer in candidates if peer.name not in route.failed_peers]
+        candidates = fresh or candidates
         _, peer = max(candidates, key=lambda c: (c[0], -len(c[1].keys)))
         route.decode = peer.name
         peer.keys.add(route.key)
@@ -328,7 +349,7 @@ class Router(Frontend):
                 return
             peer.full_until = float("inf")  # until its next heartbeat shows the room it really has
             log.info("decode peer refused the reservation; queued", key=route.key, peer=peer.name, why=message.error)
-            route.queued, route.queued_since = True, time.monotonic()
+            self._enqueue(route)
             route.deadline = float("inf")
             self.queue.appendleft(route)
             return
@@ -340,6 +361,7 @@ class Router(Frontend):
         if not prefills:
             self._attempt_failed(route, "no prefill peer is registered", "no_prefill_peer")
             return
+        prefills = [p for p in prefills if p.name not in route.failed_peers] or prefills
         prefill = min(prefills, key=lambda p: (len(p.keys) + p.load.waiting, p.name))
         route.prefill = prefill.name
         prefill.keys.add(route.key)
@@ -353,8 +375,11 @@ class Router(Frontend):
             return
         peer.keys.discard(route.key)
         route.prefill = None
+        if not message.ok and route.stage is Stage.DECODING:  # the decode peer had the KV: only late news
+            log.warning("prefill peer reported a failure after decoding began", key=route.key, error=message.error)
+            return
         if not message.ok:
-            self._attempt_failed(route, f"prefill peer {peer.name}: {message.error}", "prefill_failed")
+            self._attempt_failed(route, f"prefill peer {peer.name}: {message.error}", "prefill_failed", peer.name)
             return
         if message.bytes and message.transfer_s > 0:
             log.info("KV transferred", key=route.key, bytes=message.bytes,
@@ -367,7 +392,7 @@ class Router(Frontend):
             return
         request = route.request
         if message.finished and message.reason == "error" and not message.token_ids and not request.token_ids:
-            self._attempt_failed(route, f"decode peer {peer.name}: {message.error}", "decode_failed")
+            self._attempt_failed(route, f"decode peer {peer.name}: {message.error}", "decode_failed", peer.name)
             return
         if route.stage is not Stage.DECODING:
             self._advance(route, Stage.DECODING)
@@ -398,7 +423,9 @@ class Router(Frontend):
             except ValueError:
                 pass
 
-    def _attempt_failed(self, route: Route, why: str, label: str) -> None:
+    def _attempt_failed(self, route: Route, why: str, label: str, culprit: str | None = None) -> None:
+        if culprit:
+            route.failed_peers.add(culprit)
         self._cancel_on_peers(route)
         self._forget(route)
         request = route.request

@@ -93,21 +93,25 @@ def consecutive(block_ids: list[int]) -> bool:
 class KVSender:
     """Pushes requests' KV blocks to a receiver endpoint (a DEALER socket; one thread uses it)."""
 
-    def __init__(self, cache: PagedKVCache, endpoint: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, cache: PagedKVCache, endpoint: str, *, context: zmq.Context | None = None, timeout_s: float = 60.0
+    ) -> None:
+        """`timeout_s`: the longest a send, or a wait for a staging buffer ZeroMQ still holds, may block
+        (then TimeoutError): a dead or stuck receiver fails the transfer instead of hanging the sender."""
         self.cache = cache
+        self.timeout_s = timeout_s
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection: a dead peer fails the send
         self.socket.connect(endpoint)
         self._staging: list[tuple[torch.Tensor, zmq.MessageTracker | None]] = []
         self._next = 0
         self.bytes_sent = 0
 
     def close(self) -> None:
-        for _, tracker in self._staging:
-            if tracker is not None:
-                tracker.wait()
-        self.socket.close(linger=0)
+        self.socket.close(linger=0)  # drops what is queued, which releases the staging buffers
 
     def _stage(self, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
         """A staging buffer ZeroMQ no longer holds (round-robin over STAGING_BUFFERS), viewed as `shape`."""
@@ -120,7 +124,10 @@ class KVSender:
             self._staging.append((torch.empty(0, dtype=self.cache.dtype), None))
         buffer, tracker = self._staging[slot]
         if tracker is not None:
-            tracker.wait()  # ZeroMQ may still be reading the previous chunk from it
+            try:
+                tracker.wait(self.timeout_s)  # ZeroMQ may still be reading the previous chunk from it
+            except zmq.NotDone:
+                raise TimeoutError(f"a staging buffer was not released within {self.timeout_s} s") from None
         if buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=self.cache.dtype, pin_memory=self.cache.device.type == "cuda")
         self._staging[slot] = (buffer, None)
@@ -150,12 +157,17 @@ class KVSender:
             checksum=checksum(*slabs), last=last, first_token=first_token,
         )  # fmt: skip
         frames = [_header_encoder.encode(header), *slabs]
+        try:
+            return self._send_frames(frames, slot, sum(slab.nbytes for slab in slabs))
+        except zmq.Again:
+            raise TimeoutError(f"the receiver took no KV for {self.timeout_s} s") from None
+
+    def _send_frames(self, frames: list, slot: int | None, nbytes: int) -> int:
         if slot is None:
             self.socket.send_multipart(frames, copy=False)
         else:
             tracker = self.socket.send_multipart(frames, copy=False, track=True)
             self._staging[slot] = (self._staging[slot][0], tracker)
-        nbytes = sum(slab.nbytes for slab in slabs)
         self.bytes_sent += nbytes
         return nbytes
 

@@ -106,6 +106,12 @@ class Service:
         self.exit_code = 1
         self.stopped.set()
 
+    def crashed(self, what: str = "a helper thread") -> None:
+        """A thread of ours died of a bug: exit non-zero (systemd restarts us) rather than limp on."""
+        log.error("internal thread died; exiting", thread=what)
+        self.exit_code = 1
+        self.stopped.set()
+
     def begin_drain(self, reason: str = "signal") -> None:
         if self.draining:
             return
