@@ -75,3 +75,20 @@ def test_run_errors_are_clear() -> None:
     assert proc.returncode == 1 and "does not exist" in proc.stderr
     proc = dcpd("run")
     assert proc.returncode == 2 and "at least one --prompt" in proc.stderr
+
+
+def test_cluster_and_role_arguments_are_checked() -> None:
+    import subprocess
+    import sys
+
+    def dcpd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dcpd.cli", *args], capture_output=True, text=True, timeout=120)
+
+    proc = dcpd("cluster", "--prefill", "0")
+    assert proc.returncode == 2 and "--prefill and --decode must be >= 1" in proc.stderr
+    proc = dcpd("cluster", "--set", "disagg.max_attempts=0")
+    assert proc.returncode == 78 and "disagg.max_attempts = 0" in proc.stderr
+    proc = dcpd("serve", "--role", "router", "--demo")
+    assert proc.returncode == 2 and "--demo needs the unified role" in proc.stderr
+    proc = dcpd("serve", "--role", "decode", "--set", 'disagg.kv_endpoint="udp://x"')
+    assert proc.returncode == 78 and "disagg.kv_endpoint" in proc.stderr

@@ -38,6 +38,10 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if args.demo and config.server.role != "unified":
+        print("dcpd: --demo needs the unified role (for a cluster: `dcpd cluster`, then `dcpd generate`)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     import torch
     import uvloop
 
@@ -78,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    demo = [daemon.demo_request()] if args.demo and role == "unified" else None
+    demo = [daemon.demo_request()] if args.demo else None
     return uvloop.run(daemon.serve(demo))
 
 
