@@ -166,6 +166,22 @@ def test_abort_in_each_stage_frees_every_block(fleet: Fleet, stage: str) -> None
     assert all(stats[f"state.{s}"] == 0 for s in ("prefilling", "transferring", "decoding", "waiting_for_kv"))
 
 
+def test_kv_streams_layer_by_layer_during_chunked_prefill(fleet: Fleet, reference) -> None:
+    import json
+
+    async def run():
+        async with AsyncClient(fleet.frontend, timeout=60) as client:
+            stream = await client.generate(prompt_ids=LONG_PROMPT, max_tokens=8, request_id="layerwise", **GREEDY)
+            return (await stream.collect()).token_ids
+
+    assert asyncio.run(run()) == reference["long"]
+    steps = -(-len(LONG_PROMPT) // 32)  # prefill peers run 32-token chunks
+    layers = build_default_model().config.num_layers
+    lines = [json.loads(line) for name, peer in fleet.peers.items() if name.startswith("prefill")
+             for line in peer.log_text().splitlines() if '"transferred"' in line and "layerwise" in line]  # fmt: skip
+    assert len(lines) == 1 and lines[0]["chunks"] == steps * layers  # one message per layer per step
+
+
 def test_states_stages_and_transfers_are_in_the_metrics(fleet: Fleet) -> None:
     import urllib.request
 

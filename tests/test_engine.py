@@ -127,7 +127,7 @@ def test_a_failing_step_fails_its_requests_not_the_engine(monkeypatch) -> None:
     eng = engine()
     rid = eng.add_request(prompt(10), GREEDY)
 
-    def boom(_out):
+    def boom(_out, _on_layer=None):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(eng.runner, "execute", boom)

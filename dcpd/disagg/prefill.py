@@ -1,10 +1,11 @@
 """The prefill peer: computes prompts in chunked, continuous batches and pushes their KV to decode peers.
 
-After every step, the blocks of a request whose KV became final (every token of
-the block computed, all layers) are handed to the transfer thread, so the push
-of chunk k overlaps the compute of chunk k+1. When the prompt is done the first
-token is sampled, and the last chunk (the remaining blocks, the first token)
-goes out. The request's blocks stay allocated (`hold_kv`) until the decode peer
+KV streams layer by layer: during each step, as soon as the model has written a
+layer's K/V, that layer of the blocks the step makes final goes to the transfer
+thread, so the push overlaps the rest of the forward pass (and the next
+chunk's). When the prompt is done the first token is sampled, and the last
+chunk (the final step's last layer, carrying the first token) goes out.
+The request's blocks stay allocated (`hold_kv`) until the decode peer
 acknowledges, or until `kv_lease_s` passes with no acknowledgment.
 """
 
@@ -25,6 +26,7 @@ from dcpd.disagg.peer import PeerService
 from dcpd.disagg.pusher import Chunk, KVPusher
 from dcpd.disagg.transfer import KVAck
 from dcpd.engine import FinishReason, RequestError, RequestOutput, SamplingParams
+from dcpd.engine.scheduler import SchedulerOutput
 from dcpd.model.loader import LoadedModel
 from dcpd.server.frontend import sampling_params
 
@@ -56,7 +58,7 @@ class PrefillPeer(PeerService):
         super().__init__(config, loaded)
         self.jobs: dict[str, PrefillJob] = {}
         self.pusher: KVPusher | None = None
-        self._step_jobs: list[PrefillJob] = []
+        self._step_jobs: dict[str, PrefillJob] = {}
 
     def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
         loop = asyncio.get_running_loop()
@@ -138,37 +140,63 @@ class PrefillPeer(PeerService):
 
     # -- stepping and pushing ------------------------------------------------------------------------
     def make_step(self) -> Callable[[], list[RequestOutput]]:
-        self._step_jobs = list(self.jobs.values())  # a snapshot: the loop may change `jobs` meanwhile
+        self._step_jobs = {job.key: job for job in self.jobs.values()}  # a snapshot: the loop may change `jobs`
         return self._step_and_push
 
     def _step_and_push(self) -> list[RequestOutput]:
-        """In the step thread: one engine step, then hand every block that became final to the pusher."""
-        outputs = self.engine.step()
-        block_size = self.engine.plan_config.block_size
-        for job in self._step_jobs:
+        """In the step thread: one engine step, streaming KV layer by layer as the model writes it.
+
+        For each prefill job in the step, the blocks that this step makes final (every token in
+        them computed; all of the prompt's blocks when the step completes the prompt) are pushed
+        one layer at a time, as soon as that layer's attention has written them, so the transfer
+        overlaps the rest of the forward pass. The final step's last layer waits for the sampled
+        first token and goes out after the step, as the request's last chunk.
+        """
+        plan: list[tuple[PrefillJob, list[int], int, bool]] = []  # job, blocks, first block index, final
+        num_layers = self.engine.kv_cache.num_layers
+
+        def on_layer(scheduled: SchedulerOutput, layer: int) -> None:
+            if layer == 0:
+                plan.extend(self._blocks_to_stream(scheduled))
+            for job, blocks, offset, final in plan:
+                if not (final and layer == num_layers - 1):
+                    self._push(job, blocks, offset, (layer, layer + 1), last=False)
+
+        outputs = self.engine.step(on_layer)
+        for job, blocks, offset, final in plan:
+            job.sent_blocks = offset + len(blocks)
             request = self.engine.requests.get(job.key)
-            if request is None or job.final_sent:
-                continue
-            if request.is_finished:
-                held = self.engine.held_kv.get(job.key)
-                if held is None:  # failed or aborted: after_step reports it
-                    continue
-                start = min(job.sent_blocks, job.num_blocks - 1)  # the last chunk carries >= 1 block
-                self._push(job, held[start : job.num_blocks], start, last=True, first_token=request.token_ids[-1])
-                job.final_sent = True
-                continue
-            full = min(request.num_computed_tokens // block_size, job.num_blocks)
-            if full < job.sent_blocks:  # preempted and recomputed: send it all again
-                job.sent_blocks = 0
-            if full > job.sent_blocks:
-                self._push(job, request.block_ids[job.sent_blocks : full], job.sent_blocks, last=False)
+            if not final or request is None or job.key not in self.engine.held_kv:
+                continue  # a chunk of the prompt; or the request failed (after_step reports it)
+            layers = (num_layers - 1, num_layers)
+            self._push(job, blocks, offset, layers, last=True, first_token=request.token_ids[-1])
+            job.final_sent = True
         return outputs
 
-    def _push(self, job: PrefillJob, blocks: list[int], offset: int, *, last: bool, first_token: int | None = None):
-        chunk = Chunk(job.key, job.endpoint, job.seq, list(blocks), offset, last, first_token)
-        self.pusher.push(chunk)
+    def _blocks_to_stream(self, scheduled: SchedulerOutput) -> list[tuple[PrefillJob, list[int], int, bool]]:
+        block_size = self.engine.plan_config.block_size
+        plan = []
+        for s in scheduled.scheduled:
+            job = self._step_jobs.get(s.request.request_id)
+            if job is None or job.final_sent:
+                continue
+            request = s.request
+            if request.num_computed_tokens < job.sent_blocks * block_size:  # preempted, recomputing: resend
+                job.sent_blocks = 0
+            done = request.num_computed_tokens + s.num_new_tokens
+            final = done >= request.num_prompt_tokens
+            end = job.num_blocks if final else min(done // block_size, job.num_blocks)
+            start = min(job.sent_blocks, end - 1) if final else job.sent_blocks  # the last chunk has >= 1 block
+            if end > start:
+                plan.append((job, request.block_ids[start:end], start, final))
+        return plan
+
+    def _push(
+        self, job: PrefillJob, blocks: list[int], offset: int, layers: tuple[int, int], *, last: bool,
+        first_token: int | None = None,
+    ) -> None:  # fmt: skip
+        self.pusher.push(Chunk(job.key, job.endpoint, job.seq, list(blocks), offset, layers, last, first_token))
         job.seq += 1
-        job.sent_blocks = offset + len(blocks)
 
     def after_step(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -192,8 +220,8 @@ class PrefillPeer(PeerService):
             self.metrics.transfer_seconds.observe(seconds)
             gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
             self.metrics.transfer_throughput.observe(gbps)
-            log.info("transferred", key=key, bytes=nbytes, transfer_ms=round(seconds * 1e3, 2), gb_per_s=round(gbps, 3),
-                     prefill_ms=round((time.monotonic() - job.started) * 1e3, 2))  # fmt: skip
+            log.info("transferred", key=key, bytes=nbytes, chunks=ack.chunks, transfer_ms=round(seconds * 1e3, 2),
+                     gb_per_s=round(gbps, 3), prefill_ms=round((time.monotonic() - job.started) * 1e3, 2))  # fmt: skip
         else:
             self.metrics.transfer_failures.inc()
             log.warning("transfer failed", key=key, error=ack.error)

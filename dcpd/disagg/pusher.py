@@ -30,6 +30,7 @@ class Chunk:
     seq: int
     block_ids: list[int]
     block_offset: int
+    layers: tuple[int, int]  # [start, end)
     last: bool
     first_token: int | None = None
 
@@ -140,7 +141,7 @@ class KVPusher:
             return
         try:
             state.bytes += self._sender(chunk.endpoint).send_chunk(
-                chunk.key, chunk.seq, chunk.block_ids, layers=(0, self.cache.num_layers),
+                chunk.key, chunk.seq, chunk.block_ids, layers=chunk.layers,
                 block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
             )  # fmt: skip
         except TimeoutError as exc:  # a dead or stuck decode peer: fail its transfers, start afresh

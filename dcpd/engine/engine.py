@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from dcpd.batch import DCPPlanConfig
@@ -215,14 +215,16 @@ class LLMEngine:
         request.finish_time = time.monotonic()
 
     # -- the step -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_layer: Callable[[SchedulerOutput, int], None] | None = None) -> list[RequestOutput]:
+        """One step. `on_layer(scheduled, layer)` runs, in this thread, once each layer's K/V is written."""
         scheduled = self.scheduler.schedule()
         self.last_preempted = [r.request_id for r in scheduled.preempted]
         if scheduled.is_empty:
             return []
         self.num_steps += 1
         try:
-            sampled = self.runner.execute(scheduled)
+            hook = None if on_layer is None else (lambda layer: on_layer(scheduled, layer))
+            sampled = self.runner.execute(scheduled, hook)
         except Exception as exc:  # a failed step fails its requests, never the engine
             outputs = []
             for s in scheduled.scheduled:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from dcpd.attention.wrappers import UnifiedBatchWrapper
+from dcpd.attention.wrappers import MixedPlan, UnifiedBatchWrapper
 from dcpd.batch import BatchRequest, DCPPlanConfig
 from dcpd.engine.sampler import Sampler
 from dcpd.engine.scheduler import SchedulerOutput
 from dcpd.kv.cache import PagedKVCache
 from dcpd.model.llama import LlamaForCausalLM
+
+
+class _LayerHook:
+    """The attention backend seen by the model, calling `on_layer(layer)` once a layer's K/V is in the cache."""
+
+    def __init__(self, attention: UnifiedBatchWrapper, on_layer: Callable[[int], None]) -> None:
+        self.attention = attention
+        self.on_layer = on_layer
+
+    def run(self, plan: MixedPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.attention.run(plan, layer, q, k, v)
+        self.on_layer(layer)
+        return out
 
 
 class ModelRunner:
@@ -21,8 +36,11 @@ class ModelRunner:
         self.sampler = Sampler(seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Compute the scheduled tokens; return the sampled token of every request that reached its end."""
+    def execute(self, out: SchedulerOutput, on_layer: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Compute the scheduled tokens; return the sampled token of every request that reached its end.
+
+        `on_layer(layer)` (a prefill peer's KV streaming) runs as soon as each layer's K/V is written.
+        """
         batch: list[BatchRequest] = []
         input_ids: list[int] = []
         for s in out.scheduled:
@@ -44,6 +62,7 @@ class ModelRunner:
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         logits_rows = torch.tensor([starts[i + 1] - 1 for i in sampling], dtype=torch.long, device=self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        logits = self.model(ids, plan.positions, self.attention, plan, logits_rows)
+        attention = self.attention if on_layer is None else _LayerHook(self.attention, on_layer)
+        logits = self.model(ids, plan.positions, attention, plan, logits_rows)
         tokens = self.sampler(logits.cpu(), [out.scheduled[i].request for i in sampling]) if sampling else []
         return {out.scheduled[i].request.request_id: t for i, t in zip(sampling, tokens)}
