@@ -46,6 +46,7 @@ class DisaggSection(_Section):
     peer_timeout_s: float = 5.0  # silence after which the router drops a peer, or a peer its router
     reserve_timeout_s: float = 10.0  # router: a decode peer's answer to a reservation
     prefill_timeout_s: float = 120.0  # router: prefill + KV transfer of one request, from dispatch to ack
+    decode_stall_timeout_s: float = 300.0  # router: a decoding request with no output for this long fails
     kv_timeout_s: float = 120.0  # decode: reserved blocks wait this long for their KV, then are freed
     kv_lease_s: float = 120.0  # prefill: KV held for an unacknowledged transfer is freed after this
     queue_timeout_s: float = 60.0  # router: a request waits this long for a decode peer with free blocks
@@ -134,8 +135,8 @@ def _check_values(config: Config) -> None:
         if not value.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"{key} = {value!r}: must start with tcp:// or ipc://")
     d = config.disagg
-    for key in ("heartbeat_interval_s", "peer_timeout_s", "reserve_timeout_s", "prefill_timeout_s", "kv_timeout_s",
-                "kv_lease_s", "queue_timeout_s"):  # fmt: skip
+    for key in ("heartbeat_interval_s", "peer_timeout_s", "reserve_timeout_s", "prefill_timeout_s",
+                "decode_stall_timeout_s", "kv_timeout_s", "kv_lease_s", "queue_timeout_s"):  # fmt: skip
         if getattr(d, key) <= 0:
             raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be > 0")
     if d.peer_timeout_s <= 2 * d.heartbeat_interval_s:

@@ -287,3 +287,48 @@ def test_router_killed_peers_free_everything_and_join_a_new_router() -> None:
             assert "registering again" in peer.log_text() or "router silent" in peer.log_text()
     finally:
         fleet.stop()
+
+
+def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> None:
+    """A stopped (SIGSTOP) peer keeps its connections but does nothing: with a long peer timeout, the
+    stage deadlines end the request. Once resumed, the peer gets the cancel and frees its blocks."""
+    import signal
+
+    fleet = Fleet("disagg.peer_timeout_s=60", "disagg.prefill_timeout_s=5", "disagg.decode_stall_timeout_s=3")
+    try:
+        fleet.add("prefill", *PREFILL, wait=False)
+        fleet.add("prefill", *PREFILL, wait=False)
+        fleet.add("decode", wait=False)
+        fleet.wait_registered()
+
+        async def stall(stage: str, role: str, prompt: list[int], max_tokens: int):
+            async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
+                stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
+                outcome = asyncio.ensure_future(stream.collect())
+                stats = await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0 and busy_peer(s, role))
+                victim = fleet.peers[busy_peer(stats, role)].proc
+                victim.send_signal(signal.SIGSTOP)
+                stopped = time.monotonic()
+                try:
+                    result = await outcome
+                except ServerError as exc:
+                    result = exc
+                elapsed = time.monotonic() - stopped
+                victim.send_signal(signal.SIGCONT)
+                await all_free(watcher, timeout=30)
+            return result, elapsed
+
+        prompt = LONG_PROMPT[:600]  # about 20 chunks: well within the prefill deadline when not stuck
+        engine = LLMEngine(build_default_model())
+        want = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+        result, elapsed = asyncio.run(stall("prefilling", "prefill", prompt, 8))
+        assert not isinstance(result, ServerError) and result.token_ids == want.token_ids  # retried elsewhere
+        assert 2 < elapsed < 30
+        result, elapsed = asyncio.run(stall("decoding", "decode", SHORT_PROMPT, 1900))
+        assert isinstance(result, ServerError) and result.code == "peer_failed" and "decoding timed out" in str(result)
+        assert 2 < elapsed < 30
+    finally:
+        for peer in fleet.peers.values():
+            peer.proc.send_signal(signal.SIGCONT)
+        codes = fleet.stop()
+    assert all(code == 0 for code in codes.values()), codes

@@ -394,8 +394,11 @@ class Router(Frontend):
         if message.finished and message.reason == "error" and not message.token_ids and not request.token_ids:
             self._attempt_failed(route, f"decode peer {peer.name}: {message.error}", "decode_failed", peer.name)
             return
+        stall = self.config.disagg.decode_stall_timeout_s
         if route.stage is not Stage.DECODING:
-            self._advance(route, Stage.DECODING)
+            self._advance(route, Stage.DECODING, stall)
+        else:
+            route.deadline = time.monotonic() + stall  # every output restarts the stall clock
         if message.finished:
             self._forget(route)
             self.metrics.stage_seconds.labels(Stage.DECODING.value).observe(time.monotonic() - route.since)
@@ -468,11 +471,15 @@ class Router(Frontend):
             if now - peer.last_seen > d.peer_timeout_s:
                 self._drop_peer(peer, f"missed heartbeats for {now - peer.last_seen:.1f} s")
         for route in list(self.routes.values()):
+            if self.routes.get(route.key) is not route:  # ended by an earlier one in this loop
+                continue
             if route.queued and now - route.queued_since > d.queue_timeout_s:
                 self._end(route, "error", "overloaded",
                           f"no decode peer had {route.blocks} free KV blocks within {d.queue_timeout_s} s")  # fmt: skip
             elif not route.queued and now > route.deadline:
-                self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout")
+                stuck = route.prefill if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING) else None
+                self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout",
+                                     stuck or route.decode)  # fmt: skip
         while self.queue:
             route = self.queue[0]
             if not self._try_reserve(route):
