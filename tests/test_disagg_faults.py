@@ -59,6 +59,16 @@ async def wait_stats(
         await asyncio.sleep(poll)
 
 
+def in_stage(stats: dict, stages: str) -> bool:
+    """`stages`: one stage, or several joined by "|"."""
+    return any(stats[f"state.{stage}"] > 0 for stage in stages.split("|"))
+
+
+# With layer-wise streaming a request moves from prefilling to transferring after its first layer,
+# while its prefill goes on: both mean the prefill peer is computing it.
+PREFILL_RUNNING = "prefilling|transferring"
+
+
 def busy_peer(stats: dict, role: str) -> str | None:
     for key, value in stats.items():
         if key.endswith(".assigned") and value > 0:
@@ -90,7 +100,7 @@ async def kill_during(fleet: Fleet, stage: str, role: str, prompt: list[int], ma
     async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
         stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
         outcome = asyncio.ensure_future(stream.collect())
-        stats = await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0 and busy_peer(s, role) is not None)
+        stats = await wait_stats(watcher, lambda s: in_stage(s, stage) and busy_peer(s, role) is not None)
         victim = busy_peer(stats, role)
         fleet.kill(victim)
         killed = time.monotonic()
@@ -137,7 +147,7 @@ def test_decode_killed_mid_decode_ends_with_an_error(fleet: Fleet) -> None:
 
 
 def test_prefill_killed_mid_prefill_is_retried_on_another_prefill_peer(fleet: Fleet, reference) -> None:
-    victim, result, elapsed = asyncio.run(kill_during(fleet, "prefilling", "prefill", LONG_PROMPT, 8))
+    victim, result, elapsed = asyncio.run(kill_during(fleet, PREFILL_RUNNING, "prefill", LONG_PROMPT, 8))
     assert not isinstance(result, ServerError), result
     assert result.token_ids == reference["long"]
     assert elapsed < 30
@@ -155,7 +165,7 @@ def test_abort_in_each_stage_frees_every_block(fleet: Fleet, stage: str) -> None
                 async for _ in stream:
                     break  # one token chunk has arrived: decoding
             elif stage != "waiting_for_reservation":  # that one: abort at once
-                await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0)
+                await wait_stats(watcher, lambda s: in_stage(s, PREFILL_RUNNING if stage == "prefilling" else stage))
             await stream.abort()
             result = await stream.collect()
             stats = await all_free(watcher)
@@ -305,7 +315,7 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
             async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
                 stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
                 outcome = asyncio.ensure_future(stream.collect())
-                stats = await wait_stats(watcher, lambda s: s[f"state.{stage}"] > 0 and busy_peer(s, role))
+                stats = await wait_stats(watcher, lambda s: in_stage(s, stage) and busy_peer(s, role))
                 victim = fleet.peers[busy_peer(stats, role)].proc
                 victim.send_signal(signal.SIGSTOP)
                 stopped = time.monotonic()
@@ -321,7 +331,7 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
         prompt = LONG_PROMPT[:600]  # about 20 chunks: well within the prefill deadline when not stuck
         engine = LLMEngine(build_default_model())
         want = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
-        result, elapsed = asyncio.run(stall("prefilling", "prefill", prompt, 8))
+        result, elapsed = asyncio.run(stall(PREFILL_RUNNING, "prefill", prompt, 8))
         assert not isinstance(result, ServerError) and result.token_ids == want.token_ids  # retried elsewhere
         assert 2 < elapsed < 30
         result, elapsed = asyncio.run(stall("decoding", "decode", SHORT_PROMPT, 1900))
