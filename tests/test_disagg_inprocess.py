@@ -41,10 +41,15 @@ def link():
         ctx.term()
 
 
-def transfer(prefill: LLMEngine, decode: LLMEngine, link, rid: str, prompt: list[int], corrupt: bool = False):
+def transfer(
+    prefill: LLMEngine, decode: LLMEngine, link, rid: str, prompt: list[int], corrupt: bool = False,
+    params: SamplingParams = GREEDY,
+):  # fmt: skip
     """Prefill -> first token -> reserve on decode -> push KV -> ack -> adopt. Returns the ack."""
     ctx, router, endpoint = link
-    prefill.add_request(prompt, FIRST_TOKEN, request_id=rid, hold_kv=True)
+    first_params = SamplingParams(max_tokens=1, temperature=params.temperature, top_k=params.top_k,
+                                  top_p=params.top_p, seed=params.seed, ignore_eos=True)  # fmt: skip
+    prefill.add_request(prompt, first_params, request_id=rid, hold_kv=True)
     drain(prefill)
     first = prefill.requests[rid].output_token_ids[0]
     held = prefill.held_kv[rid]
@@ -63,7 +68,7 @@ def transfer(prefill: LLMEngine, decode: LLMEngine, link, rid: str, prompt: list
     sender.close()
     prefill.release_held(rid)  # acknowledged (or failed): the prefill side lets go either way
     if ack.ok:
-        decode.add_prefilled_request(rid, prompt, first, GREEDY)
+        decode.add_prefilled_request(rid, prompt, first, params)
     else:
         decode.cancel_reservation(rid)
     return ack
@@ -81,6 +86,19 @@ def test_prefill_transfer_decode_equals_unified(link) -> None:
     for engine in (prefill, decode):
         assert engine.kv_cache.pool.num_free == engine.kv_cache.num_blocks
         assert not engine.held_kv and not engine.reserved
+
+
+def test_seeded_sampling_continues_across_the_split(link) -> None:
+    """The decode side picks up the request's random sequence where the prefill side left it."""
+    seeded = [SamplingParams(max_tokens=20, temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts()))]  # fmt: skip
+    unified = LLMEngine(MODEL).generate(prompts(), seeded)
+    prefill, decode = LLMEngine(MODEL), LLMEngine(MODEL)
+    for i, prompt in enumerate(prompts()):
+        assert transfer(prefill, decode, link, f"s{i}", prompt, params=seeded[i]).ok
+    drain(decode)
+    for i, want in enumerate(unified):
+        assert decode.requests[f"s{i}"].output_token_ids == want.token_ids
 
 
 def test_failed_transfer_frees_both_sides(link) -> None:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from dcpd.batch import DCPPlanConfig
 from dcpd.engine.block_manager import BlockManager
 from dcpd.engine.model_runner import ModelRunner
@@ -192,6 +194,8 @@ class LLMEngine:
             )
         request = Request(request_id, prompt, params, block_ids=blocks, num_computed_tokens=len(prompt))
         request.token_ids.append(first_token)
+        if request.generator is not None:  # the prefill peer drew the first token's number from this seed:
+            torch.rand(1, generator=request.generator)  # continue the sequence where it left off
         request.first_token_time = time.monotonic()
         request.status = RequestStatus.RUNNING
         self.requests[request_id] = request
