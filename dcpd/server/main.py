@@ -54,7 +54,9 @@ def serve(args: argparse.Namespace) -> int:
     if config.server.role != "unified":
         import structlog
 
-        structlog.contextvars.bind_contextvars(role=config.server.role, peer=config.disagg.peer_name or None)
+        structlog.contextvars.bind_contextvars(role=config.server.role)
+        if config.disagg.peer_name:
+            structlog.contextvars.bind_contextvars(peer=config.disagg.peer_name)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     role = config.server.role
