@@ -304,7 +304,7 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
     stage deadlines end the request. Once resumed, the peer gets the cancel and frees its blocks."""
     import signal
 
-    fleet = Fleet("disagg.peer_timeout_s=60", "disagg.prefill_timeout_s=5", "disagg.decode_stall_timeout_s=3")
+    fleet = Fleet("disagg.peer_timeout_s=60", "disagg.prefill_timeout_s=8", "disagg.decode_stall_timeout_s=3")
     try:
         fleet.add("prefill", *PREFILL, wait=False)
         fleet.add("prefill", *PREFILL, wait=False)
