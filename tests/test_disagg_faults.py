@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import Callable
 
@@ -94,27 +95,36 @@ def replace(fleet: Fleet, name: str, role: str) -> None:
     fleet.wait_registered()
 
 
-async def kill_during(fleet: Fleet, stage: str, role: str, prompt: list[int], max_tokens: int):
-    """Start a request, kill -9 the `role` peer serving it once the router reports `stage`; return the
-    request's outcome (its Finished, or the ServerError) and how long it took after the kill."""
+async def disturb(
+    fleet: Fleet, stage: str, role: str, prompt: list[int], max_tokens: int, sig: int = signal.SIGKILL
+):  # fmt: skip
+    """Start a request; once the router reports `stage`, signal the `role` peer serving it: SIGKILL
+    (kill -9, reaped), or SIGSTOP (stopped until the request ends, then resumed). Returns the victim,
+    the request's outcome (its Finished, or the ServerError) and how long it took after the signal;
+    by then every peer's pool is fully free again."""
     async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
         stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
         outcome = asyncio.ensure_future(stream.collect())
         stats = await wait_stats(watcher, lambda s: in_stage(s, stage) and busy_peer(s, role) is not None)
         victim = busy_peer(stats, role)
-        fleet.kill(victim)
-        killed = time.monotonic()
+        if sig == signal.SIGKILL:
+            fleet.kill(victim)
+        else:
+            fleet.peers[victim].proc.send_signal(sig)
+        signalled = time.monotonic()
         try:
             result = await outcome
         except ServerError as exc:
             result = exc
-        elapsed = time.monotonic() - killed
-        await all_free(watcher)
+        elapsed = time.monotonic() - signalled
+        if sig == signal.SIGSTOP:
+            fleet.peers[victim].proc.send_signal(signal.SIGCONT)
+        await all_free(watcher, timeout=30)
     return victim, result, elapsed
 
 
 def test_decode_killed_mid_transfer_is_retried_on_another_decode_peer(fleet: Fleet, reference) -> None:
-    victim, result, elapsed = asyncio.run(kill_during(fleet, "transferring", "decode", LONG_PROMPT, 8))
+    victim, result, elapsed = asyncio.run(disturb(fleet, "transferring", "decode", LONG_PROMPT, 8))
     assert not isinstance(result, ServerError), result
     assert result.token_ids == reference["long"]  # the retry on the other pair is token-identical
     assert elapsed < 30
@@ -147,7 +157,7 @@ def test_decode_killed_mid_decode_ends_with_an_error(fleet: Fleet) -> None:
 
 
 def test_prefill_killed_mid_prefill_is_retried_on_another_prefill_peer(fleet: Fleet, reference) -> None:
-    victim, result, elapsed = asyncio.run(kill_during(fleet, PREFILL_RUNNING, "prefill", LONG_PROMPT, 8))
+    victim, result, elapsed = asyncio.run(disturb(fleet, PREFILL_RUNNING, "prefill", LONG_PROMPT, 8))
     assert not isinstance(result, ServerError), result
     assert result.token_ids == reference["long"]
     assert elapsed < 30
@@ -302,8 +312,6 @@ def test_router_killed_peers_free_everything_and_join_a_new_router() -> None:
 def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> None:
     """A stopped (SIGSTOP) peer keeps its connections but does nothing: with a long peer timeout, the
     stage deadlines end the request. Once resumed, the peer gets the cancel and frees its blocks."""
-    import signal
-
     fleet = Fleet("disagg.peer_timeout_s=60", "disagg.prefill_timeout_s=8", "disagg.decode_stall_timeout_s=3")
     try:
         fleet.add("prefill", *PREFILL, wait=False)
@@ -311,30 +319,13 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
         fleet.add("decode", wait=False)
         fleet.wait_registered()
 
-        async def stall(stage: str, role: str, prompt: list[int], max_tokens: int):
-            async with AsyncClient(fleet.frontend, timeout=60) as client, AsyncClient(fleet.frontend) as watcher:
-                stream = await client.generate(prompt_ids=prompt, max_tokens=max_tokens, **GREEDY)
-                outcome = asyncio.ensure_future(stream.collect())
-                stats = await wait_stats(watcher, lambda s: in_stage(s, stage) and busy_peer(s, role))
-                victim = fleet.peers[busy_peer(stats, role)].proc
-                victim.send_signal(signal.SIGSTOP)
-                stopped = time.monotonic()
-                try:
-                    result = await outcome
-                except ServerError as exc:
-                    result = exc
-                elapsed = time.monotonic() - stopped
-                victim.send_signal(signal.SIGCONT)
-                await all_free(watcher, timeout=30)
-            return result, elapsed
-
         prompt = LONG_PROMPT[:600]  # about 20 chunks: well within the prefill deadline when not stuck
         engine = LLMEngine(build_default_model())
         want = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
-        result, elapsed = asyncio.run(stall(PREFILL_RUNNING, "prefill", prompt, 8))
+        _, result, elapsed = asyncio.run(disturb(fleet, PREFILL_RUNNING, "prefill", prompt, 8, signal.SIGSTOP))
         assert not isinstance(result, ServerError) and result.token_ids == want.token_ids  # retried elsewhere
         assert 2 < elapsed < 30
-        result, elapsed = asyncio.run(stall("decoding", "decode", SHORT_PROMPT, 1900))
+        _, result, elapsed = asyncio.run(disturb(fleet, "decoding", "decode", SHORT_PROMPT, 1900, signal.SIGSTOP))
         assert isinstance(result, ServerError) and result.code == "peer_failed" and "decoding timed out" in str(result)
         assert 2 < elapsed < 30
     finally:

@@ -13,9 +13,7 @@ within `kv_timeout_s` are freed and the router is told.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +58,6 @@ class DecodePeer(PeerService):
 
     def kv_endpoint(self) -> str | None:
         return self.config.disagg.kv_endpoint
-
-    def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
-        loop = asyncio.get_running_loop()
-        return lambda *args: loop.call_soon_threadsafe(fn, *args)
 
     def open(self) -> None:
         super().open()

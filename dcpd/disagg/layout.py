@@ -36,15 +36,8 @@ class PeerLayout(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     @classmethod
     def describe(cls, config: ModelConfig, cache: PagedKVCache) -> PeerLayout:
-        return cls(
-            model_fingerprint=model_fingerprint(config),
-            architecture=config.architecture,
-            num_layers=cache.num_layers,
-            num_kv_heads=cache.num_kv_heads,
-            head_dim=cache.head_dim,
-            block_size=cache.block_size,
-            dtype=dtype_name(cache.dtype),
-        )
+        """This peer's layout: its model, and its cache's block size and dtype."""
+        return cls.expected(config, block_size=cache.block_size, dtype=dtype_name(cache.dtype))
 
     @classmethod
     def expected(cls, config: ModelConfig, *, block_size: int, dtype: str) -> PeerLayout:

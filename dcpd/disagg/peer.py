@@ -119,6 +119,11 @@ class PeerService(Service):
             self.drop_everything("drain budget exceeded", report=True)
             self.work.set()
 
+    def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """A callback for one of our threads: it runs `fn` on the event loop (call in open())."""
+        loop = asyncio.get_running_loop()
+        return lambda *args: loop.call_soon_threadsafe(fn, *args)
+
     # -- control channel ----------------------------------------------------------------------------
     def _send(self, message: m._Control) -> None:
         """Send without blocking. A failed send is logged; the router then times the request out."""

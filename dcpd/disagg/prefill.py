@@ -11,7 +11,6 @@ acknowledges, or until `kv_lease_s` passes with no acknowledgment.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -59,10 +58,6 @@ class PrefillPeer(PeerService):
         self.jobs: dict[str, PrefillJob] = {}
         self.pusher: KVPusher | None = None
         self._step_jobs: dict[str, PrefillJob] = {}
-
-    def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
-        loop = asyncio.get_running_loop()
-        return lambda *args: loop.call_soon_threadsafe(fn, *args)
 
     def open(self) -> None:
         super().open()

@@ -33,6 +33,7 @@ from dcpd.config import Config
 from dcpd.disagg import messages as m
 from dcpd.disagg.layout import PeerLayout, PeerMismatch, check_compatible
 from dcpd.engine import RequestError, SamplingParams
+from dcpd.engine.request import check_prompt
 from dcpd.model.loader import ModelSpec
 from dcpd.server import protocol as p
 from dcpd.server.frontend import ClientRequest, Frontend
@@ -127,21 +128,10 @@ class Router(Frontend):
         return -(-tokens // self.block_size)
 
     def validate(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        params.validate()
-        prompt = list(prompt)
-        if not prompt:
-            raise RequestError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        config = self.model_config
+        prompt = check_prompt(prompt, params, vocab_size=config.vocab_size,
+                              max_model_len=config.max_position_embeddings)  # fmt: skip
         total = len(prompt) + params.max_tokens
-        limit = self.model_config.max_position_embeddings
-        if total > limit:
-            raise RequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"model's context of {limit} tokens"
-            )
         decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
         if decoders and all(self._blocks_for(total) > peer.load.kv_blocks_total for peer in decoders):
             biggest = max(peer.load.kv_blocks_total for peer in decoders)
@@ -449,7 +439,6 @@ class Router(Frontend):
     def _end(self, route: Route, reason: str, code: str | None, error: str | None = None) -> None:
         self._cancel_on_peers(route)
         self._forget(route)
-        self.by_client.pop(route.request.key, None)
         if route.request.key in self.inflight:
             self.finish(route.request, reason, error=error, error_code=code)
 

@@ -15,7 +15,14 @@ import torch
 from dcpd.batch import DCPPlanConfig
 from dcpd.engine.block_manager import BlockManager
 from dcpd.engine.model_runner import ModelRunner
-from dcpd.engine.request import FinishReason, Request, RequestError, RequestStatus, SamplingParams
+from dcpd.engine.request import (
+    FinishReason,
+    Request,
+    RequestError,
+    RequestStatus,
+    SamplingParams,
+    check_prompt,
+)
 from dcpd.engine.scheduler import Scheduler, SchedulerOutput
 from dcpd.kv.cache import PagedKVCache
 from dcpd.model.loader import LoadedModel
@@ -101,20 +108,9 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """Check a request against the model and cache limits (reads no mutable state: thread-safe)."""
-        params.validate()
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise RequestError("prompt is empty")
         vocab = self.loaded.config.vocab_size
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        prompt = check_prompt(prompt_token_ids, params, vocab_size=vocab, max_model_len=self.max_model_len)
         total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"model's context of {self.max_model_len} tokens"
-            )
         if not self.block_manager.fits_at_all(total):
             raise RequestError(
                 f"prompt + max_tokens = {total} tokens needs {self.block_manager.blocks_for(total)} KV blocks; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def check_prompt(
+    prompt_token_ids: Sequence[int], params: SamplingParams, *, vocab_size: int, max_model_len: int
+) -> list[int]:
+    """Check a request against the model (sampling, vocabulary, context); returns the prompt as a list."""
+    params.validate()
+    prompt = list(prompt_token_ids)
+    if not prompt:
+        raise RequestError("prompt is empty")
+    bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    total = len(prompt) + params.max_tokens
+    if total > max_model_len:
+        raise RequestError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+            f"model's context of {max_model_len} tokens"
+        )
+    return prompt
 
 
 class RequestStatus(enum.Enum):
