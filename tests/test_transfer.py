@@ -84,12 +84,16 @@ def test_bad_chunks_are_refused_and_end_the_request(changes: dict, message: str)
     src = filled_cache()
     dst = PagedKVCache(4, 16, 16, 2, 8)
     receiver = KVReceiver(dst)
-    receiver.expect("r", dst.pool.allocate(2))
+    reserved = dst.pool.allocate(2)
+    receiver.expect("r", reserved)
     ack = receiver.handle(*chunk(src, [1, 2], **changes))
     assert ack is not None and not ack.ok and message in ack.error
     if changes.get("request_id") != "other":
         assert "r" not in receiver.incoming  # the caller frees the blocks
-    assert dst.kv.abs().sum() == 0  # nothing was written
+    others = [b for b in range(16) if b not in reserved]
+    assert dst.gather(others).abs().sum() == 0  # never a byte outside the request's reserved blocks
+    if "checksum" not in changes:  # a bad header is refused before anything is written
+        assert dst.kv.abs().sum() == 0
 
 
 def test_truncated_payload_and_missing_layers() -> None:
@@ -106,8 +110,46 @@ def test_truncated_payload_and_missing_layers() -> None:
     receiver.expect("r", [0, 1])
     ack = receiver.handle(*chunk(src, [1, 2], last=True))  # layer 0 only, yet marked last
     assert ack is not None and not ack.ok and "6 (layer, block) pairs are missing, from layer 1 block 0" in ack.error
+    receiver.expect("r", [0, 1])
+    ack = receiver.handle(header, [*slabs, slabs[0]])
+    assert ack is not None and "more than the 4 slab frames" in ack.error
     ack = receiver.handle(b"\x81\xa1x\x01", slabs)
     assert ack is not None and "bad chunk header" in ack.error
+
+
+@pytest.mark.parametrize("blocks", [[3, 4], [4, 3]])  # received in place, and received then scattered
+def test_a_bad_message_on_the_socket_is_drained_and_the_next_one_lands(blocks: list[int]) -> None:
+    src = filled_cache(layers=1)
+    dst = PagedKVCache(1, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    header, slabs = chunk(src, [1, 2], last=True)
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(f"ipc://{tmp}/kv")
+        bad = [
+            [header, *slabs[:2], bytes(slabs[2])[:-4], slabs[3]],  # a short slab mid-message
+            [header, *slabs, slabs[0]],  # one slab too many
+            [header],  # no slabs at all
+            [msgspec.msgpack.encode({"v": 2}), *slabs],  # a header that does not decode
+        ]
+        for frames in bad:
+            receiver.expect("r", blocks)
+            dealer.send_multipart(frames)
+            ack = receiver.serve_once(router, timeout_ms=10000)
+            assert ack is not None and not ack.ok, ack
+            assert msgspec.msgpack.decode(dealer.recv()) == msgspec.structs.asdict(ack)
+            receiver.cancel("r")
+        receiver.expect("r", blocks)
+        dealer.send_multipart([header, *slabs])
+        ack = receiver.serve_once(router, timeout_ms=10000)
+        dealer.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+    assert ack is not None and ack.ok, ack.error
+    assert torch.equal(dst.gather(blocks), src.gather([1, 2]))
 
 
 def test_a_dead_receiver_fails_the_send_instead_of_hanging() -> None:

@@ -22,6 +22,7 @@ in order. The last chunk is acknowledged with a KVAck.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -89,6 +90,29 @@ def consecutive(block_ids: list[int]) -> bool:
     return all(b == block_ids[0] + i for i, b in enumerate(block_ids))
 
 
+class SlabViews:
+    """Byte views of a CPU cache's slabs, by arithmetic on one memoryview of the whole cache (no
+    tensor is made per slab). A slab is (layer, K/V, head) of a run of consecutive blocks: contiguous
+    in the head-major layout."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.memory = _as_bytes(cache.kv.view(-1))
+        self.heads = cache.num_kv_heads
+        self.num_blocks = cache.num_blocks
+        self.block_bytes = cache.block_size * cache.head_dim * cache.kv.element_size()
+
+    def slabs(self, layers: tuple[int, int], first_block: int, num_blocks: int) -> list[memoryview]:
+        """In the wire order: layer, then K/V, then head."""
+        start, end = layers
+        size = num_blocks * self.block_bytes
+        plane = self.num_blocks * self.block_bytes  # one (layer, K/V, head) row of blocks
+        first = first_block * self.block_bytes
+        return [
+            self.memory[row * plane + first : row * plane + first + size]
+            for row in range(start * 2 * self.heads, end * 2 * self.heads)
+        ]
+
+
 # -- sending ----------------------------------------------------------------------------------------
 class KVSender:
     """Pushes requests' KV blocks to a receiver endpoint (a DEALER socket; one thread uses it)."""
@@ -106,6 +130,7 @@ class KVSender:
         self.socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection: a dead peer fails the send
         self.socket.connect(endpoint)
+        self._views = SlabViews(cache) if cache.device.type == "cpu" else None
         self._staging: list[tuple[torch.Tensor, zmq.MessageTracker | None]] = []
         self._next = 0
         self.bytes_sent = 0
@@ -142,15 +167,14 @@ class KVSender:
         start, end = layers
         shape = (end - start, 2, cache.num_kv_heads, len(block_ids), cache.block_size, cache.head_dim)
         slot = None
-        if consecutive(block_ids) and cache.device.type == "cpu":
-            first = block_ids[0]
-            chunk = cache.kv[start:end, :, :, first : first + len(block_ids)]  # a view: no copy
+        if self._views is not None and consecutive(block_ids):
+            slabs = self._views.slabs(layers, block_ids[0], len(block_ids))  # views of the cache: no copy
         else:
             slot, chunk = self._stage(shape)
             cache.gather(block_ids, layers=slice(start, end), out=chunk)
             if cache.device.type == "cuda":
                 torch.cuda.current_stream(cache.device).synchronize()
-        slabs = [_as_bytes(chunk[i, kv, h]) for i in range(shape[0]) for kv in range(2) for h in range(shape[2])]
+            slabs = [_as_bytes(chunk[i, kv, h]) for i in range(shape[0]) for kv in range(2) for h in range(shape[2])]
         header = KVChunkHeader(
             request_id=request_id, seq=seq, layer_start=start, layer_end=end, block_offset=block_offset,
             num_blocks=len(block_ids), dtype=dtype_name(cache.dtype), shape=list(shape),
@@ -200,6 +224,60 @@ class KVSender:
 
 
 # -- receiving --------------------------------------------------------------------------------------
+class Frames(Protocol):
+    """The payload frames of one message, read in order (a socket's, or a list's in tests)."""
+
+    def more(self) -> bool: ...
+    def read(self) -> memoryview: ...
+    def read_into(self, buffer: memoryview) -> int:
+        """Copy the next frame into `buffer`; returns the frame's size (more than fits: truncated)."""
+        ...
+
+    def drain(self) -> None: ...
+
+
+class SocketFrames:
+    """The rest of a multipart message being received on a socket."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+
+    def more(self) -> bool:
+        return bool(self.socket.getsockopt(zmq.RCVMORE))
+
+    def read(self) -> memoryview:
+        return self.socket.recv(copy=False).buffer
+
+    def read_into(self, buffer: memoryview) -> int:
+        return self.socket.recv_into(buffer)  # libzmq copies the frame straight into `buffer`
+
+    def drain(self) -> None:
+        while self.more():
+            self.socket.recv(copy=False)
+
+
+class ListFrames:
+    def __init__(self, frames: list[memoryview]) -> None:
+        self.frames = frames
+        self.next = 0
+
+    def more(self) -> bool:
+        return self.next < len(self.frames)
+
+    def read(self) -> memoryview:
+        self.next += 1
+        return memoryview(self.frames[self.next - 1]).cast("B")
+
+    def read_into(self, buffer: memoryview) -> int:
+        frame = self.read()
+        n = min(frame.nbytes, buffer.nbytes)
+        buffer[:n] = frame[:n]
+        return frame.nbytes
+
+    def drain(self) -> None:
+        self.next = len(self.frames)
+
+
 @dataclass
 class Incoming:
     """A request the receiver has reserved blocks for, and which (layer, block) pairs have arrived."""
@@ -211,11 +289,20 @@ class Incoming:
 
 
 class KVReceiver:
-    """Accepts chunks into reserved blocks of a local cache. `handle()` is socket-free (testable);
-    `serve_once()` reads one message from a ROUTER socket and answers acks."""
+    """Accepts chunks into reserved blocks of a local cache. `serve_once()` reads one message from a
+    ROUTER socket and answers acks; `handle()` takes a message's frames as a list (socket-free, for tests).
+
+    When the chunk's blocks are consecutive ids on a CPU cache, each slab frame is received straight
+    into its slice of the cache (`recv_into`: one copy, by libzmq) and hashed there while it is still
+    in the CPU cache; otherwise frames are received, checked, and scattered. Nothing is written before
+    the header is validated against the request's reservation, so a chunk can only ever write into
+    blocks reserved for its request. A chunk that fails afterwards (checksum, frame sizes) may have
+    written into those blocks; it ends the request, and the caller frees them.
+    """
 
     def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
+        self.views = SlabViews(cache) if cache.device.type == "cpu" else None
         self.incoming: dict[str, Incoming] = {}
         self.bytes_received = 0
 
@@ -234,25 +321,32 @@ class KVReceiver:
         return [header.layer_end - header.layer_start, 2, c.num_kv_heads, header.num_blocks, c.block_size, c.head_dim]
 
     def handle(self, header_frame: bytes | memoryview, slabs: list[memoryview]) -> KVAck | None:
-        """Validate and store one chunk. Returns the ack after the last chunk (or a failed ack); else None.
+        """Validate and store one chunk given as frames. See `receive`."""
+        return self.receive(header_frame, ListFrames(slabs))
+
+    def receive(self, header_frame: bytes | memoryview, frames: Frames) -> KVAck | None:
+        """Validate and store one chunk, reading its slab frames from `frames` (all of them, whatever
+        happens). Returns the ack after the last chunk (or a failed ack); else None.
 
         A failed chunk ends the request on this side: it is forgotten, and the caller frees its blocks.
         """
         try:
             header = _header_decoder.decode(header_frame)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            frames.drain()
             return KVAck(request_id="", ok=False, chunks=0, bytes=0, error=f"bad chunk header: {exc}")
         rid = header.request_id
         state = self.incoming.get(rid)
         if state is None:
+            frames.drain()
             return KVAck(request_id=rid, ok=False, chunks=0, bytes=0, error=f"request {rid!r} is not expected here")
         try:
-            self._check(header, state, slabs)
+            self._check_header(header, state)
+            nbytes = self._store(header, state, frames)
         except TransferError as exc:
+            frames.drain()
             del self.incoming[rid]
             return KVAck(request_id=rid, ok=False, chunks=header.seq, bytes=state.bytes, error=str(exc))
-        self._store(header, state, slabs)
-        nbytes = sum(slab.nbytes for slab in slabs)
         state.next_seq += 1
         state.bytes += nbytes
         offset = header.block_offset
@@ -268,22 +362,40 @@ class KVReceiver:
                                f"from layer {layers[0]} block {blocks[0]}")  # fmt: skip
         return KVAck(request_id=rid, ok=True, chunks=state.next_seq, bytes=state.bytes, first_token=header.first_token)
 
-    def _store(self, header: KVChunkHeader, state: Incoming, slabs: list[memoryview]) -> None:
+    def _store(self, header: KVChunkHeader, state: Incoming, frames: Frames) -> int:
+        """Read the slab frames into the request's blocks, checking count, sizes and checksum."""
         cache = self.cache
         blocks = state.block_ids[header.block_offset : header.block_offset + header.num_blocks]
-        heads = header.shape[2]
-        if consecutive(blocks) and cache.device.type == "cpu":
-            # Each slab lands in a contiguous slice of the head-major cache: a plain single-threaded
-            # memcpy (a multi-threaded torch copy would fight ZeroMQ's I/O thread for the cores).
-            dst = cache.kv[header.layer_start : header.layer_end, :, :, blocks[0] : blocks[0] + len(blocks)]
-            for i, slab in enumerate(slabs):
-                _as_bytes(dst[i // (2 * heads), (i // heads) % 2, i % heads])[:] = slab
-            return
-        views = [torch.frombuffer(slab, dtype=cache.dtype) for slab in slabs]  # no copies
-        data = torch.stack(views).view(header.shape)
-        cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
+        shape = header.shape
+        num_slabs = shape[0] * 2 * shape[2]
+        slab_bytes = cache.kv.element_size() * shape[3] * shape[4] * shape[5]
+        digest = xxhash.xxh3_64()
+        direct = self.views is not None and consecutive(blocks)
+        targets = self.views.slabs((header.layer_start, header.layer_end), blocks[0], len(blocks)) if direct else []
+        received: list[memoryview] = []
+        for i in range(num_slabs):
+            if not frames.more():
+                raise TransferError(f"chunk has {i} slab frames, its shape implies {num_slabs}")
+            if direct:
+                size = frames.read_into(targets[i])
+                slab = targets[i]
+            else:
+                slab = frames.read()
+                size = slab.nbytes
+                received.append(slab)
+            if size != slab_bytes:
+                raise TransferError(f"chunk slab has {size} bytes, its shape implies {slab_bytes}")
+            digest.update(slab)  # just written or received: still in the CPU cache
+        if frames.more():
+            raise TransferError(f"chunk has more than the {num_slabs} slab frames its shape implies")
+        if digest.intdigest() != header.checksum:
+            raise TransferError("chunk checksum mismatch: the payload was corrupted")
+        if not direct:
+            data = torch.stack([torch.frombuffer(slab, dtype=cache.dtype) for slab in received]).view(shape)
+            cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
+        return num_slabs * slab_bytes
 
-    def _check(self, header: KVChunkHeader, state: Incoming, slabs: list[memoryview]) -> None:
+    def _check_header(self, header: KVChunkHeader, state: Incoming) -> None:
         cache = self.cache
         if header.v != TRANSFER_VERSION:
             raise TransferError(f"transfer version {header.v} is not supported (this peer speaks {TRANSFER_VERSION})")
@@ -295,7 +407,11 @@ class KVReceiver:
             raise TransferError(
                 f"chunk layers [{header.layer_start}, {header.layer_end}) outside 0..{cache.num_layers}"
             )
-        if header.block_offset < 0 or header.block_offset + header.num_blocks > len(state.block_ids):
+        if (
+            header.num_blocks < 1
+            or header.block_offset < 0
+            or header.block_offset + header.num_blocks > len(state.block_ids)
+        ):
             raise TransferError(
                 f"chunk blocks [{header.block_offset}, {header.block_offset + header.num_blocks}) exceed the "
                 f"{len(state.block_ids)} blocks reserved"
@@ -303,32 +419,21 @@ class KVReceiver:
         expected = self._expected_shape(header)
         if header.shape != expected:
             raise TransferError(f"chunk shape {header.shape} does not match this cache's layout {expected}")
-        num_slabs = expected[0] * 2 * expected[2]
-        if len(slabs) != num_slabs:
-            raise TransferError(f"chunk has {len(slabs)} slab frames, its shape implies {num_slabs}")
-        slab_bytes = cache.kv.element_size() * expected[3] * expected[4] * expected[5]
-        for slab in slabs:
-            if slab.nbytes != slab_bytes:
-                raise TransferError(f"chunk slab has {slab.nbytes} bytes, its shape implies {slab_bytes}")
-        if checksum(*slabs) != header.checksum:
-            raise TransferError("chunk checksum mismatch: the payload was corrupted")
 
     def serve_once(self, socket: zmq.Socket, timeout_ms: int = -1) -> KVAck | None:
         """Receive one message on a ROUTER socket, store it, and send the ack (if any) back."""
         if timeout_ms >= 0 and not socket.poll(timeout_ms):
             return None
-        frames = socket.recv_multipart(copy=False)
-        identity = frames[0].bytes
-        if len(frames) < 3:
-            ack = KVAck(
-                request_id="",
-                ok=False,
-                chunks=0,
-                bytes=0,
-                error=f"expected header + slabs, got {len(frames) - 1} frames",
-            )
+        identity = socket.recv()
+        frames = SocketFrames(socket)
+        if not frames.more():
+            ack = KVAck(request_id="", ok=False, chunks=0, bytes=0, error="expected header + slabs, got 0 frames")
         else:
-            ack = self.handle(frames[1].buffer, [frame.buffer for frame in frames[2:]])
+            header = socket.recv()
+            if not frames.more():
+                ack = KVAck(request_id="", ok=False, chunks=0, bytes=0, error="expected header + slabs, got 1 frame")
+            else:
+                ack = self.receive(header, frames)
         if ack is not None:
             socket.send_multipart([identity, _header_encoder.encode(ack)])
         return ack
