@@ -12,11 +12,13 @@ head-major cache and goes out with `copy=False` straight from the cache memory
 (the blocks are held until the receiver acknowledges, so ZeroMQ may read them
 until then). Otherwise the chunk is gathered into a reused staging buffer
 (pinned host memory when the cache is on a GPU), reused only once ZeroMQ has
-released it (MessageTracker). The receiver views each frame with
-`torch.frombuffer` (no copy) and copies it into the blocks it reserved: one
-slice copy per slab when those are consecutive too. Chunks of a request must
-arrive in order (`seq`); the header carries an xxh3-64 checksum over the slabs
-in order. The last chunk is acknowledged with a KVAck.
+released it (MessageTracker). The receiver validates the header against the
+request's reservation first, then receives each slab frame straight into its
+slice of the reserved blocks (`recv_into`: libzmq's one copy) and hashes it
+there while it is still in the CPU cache; scattered blocks are received as
+frames and scattered. Chunks of a request must arrive in order (`seq`); the
+header carries an xxh3-64 checksum over the slabs in order. The last chunk is
+acknowledged with a KVAck.
 """
 
 from __future__ import annotations
