@@ -166,3 +166,29 @@ def test_a_dead_receiver_fails_the_send_instead_of_hanging() -> None:
             assert time.monotonic() - start < 5
         sender.close()
         ctx.term()
+
+
+def test_the_kv_socket_refuses_a_frame_larger_than_any_slab_and_keeps_receiving() -> None:
+    from dcpd.disagg.ingest import bind_kv_socket
+
+    src = filled_cache(layers=1)
+    dst = PagedKVCache(1, 16, 16, 2, 8)  # the largest legal slab: 16 blocks * 16 * 8 * 4 bytes = 8 KiB
+    receiver = KVReceiver(dst)
+    header, slabs = chunk(src, [1, 2], last=True)
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
+        ctx = zmq.Context()
+        router = bind_kv_socket(ctx, dst, f"ipc://{tmp}/kv")
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.connect(f"ipc://{tmp}/kv")
+        rogue.send_multipart([header, bytes(8 * 1024 + 1)])
+        assert router.poll(500) == 0  # dropped by libzmq, with the connection that sent it
+        sender = ctx.socket(zmq.DEALER)
+        sender.connect(f"ipc://{tmp}/kv")
+        receiver.expect("r", [3, 4])
+        sender.send_multipart([header, *slabs])
+        ack = receiver.serve_once(router, timeout_ms=10000)
+        for sock in (rogue, sender, router):
+            sock.close(linger=0)
+        ctx.term()
+    assert ack is not None and ack.ok, ack
+    assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))

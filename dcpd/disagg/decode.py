@@ -22,7 +22,7 @@ import zmq
 
 from dcpd.config import Config
 from dcpd.disagg import messages as m
-from dcpd.disagg.ingest import KVIngest
+from dcpd.disagg.ingest import KVIngest, bind_kv_socket
 from dcpd.disagg.peer import PeerService
 from dcpd.disagg.transfer import KVAck
 from dcpd.engine import RequestError, RequestOutput, SamplingParams
@@ -61,14 +61,7 @@ class DecodePeer(PeerService):
 
     def open(self) -> None:
         super().open()
-        sock = self.kv_context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)  # flow control is the reservation, not a message count
-        try:
-            sock.bind(self.config.disagg.kv_endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        sock = bind_kv_socket(self.kv_context, self.engine.kv_cache, self.config.disagg.kv_endpoint)
         self.ingest = KVIngest(
             self.engine.kv_cache, sock, on_done=self._from_thread(self._on_kv),
             on_cancelled=self._from_thread(self._on_kv_cancelled), on_crash=self._from_thread(self.crashed),

@@ -22,6 +22,22 @@ from dcpd.kv.cache import PagedKVCache
 log = structlog.get_logger("dcpd.ingest")
 
 
+def bind_kv_socket(context: zmq.Context, cache: PagedKVCache, endpoint: str) -> zmq.Socket:
+    """The decode peer's KV ROUTER. No frame a sender may legally send is larger than one slab of
+    every block in the cache, so anything larger is refused by libzmq (the sender is disconnected)
+    before it is buffered."""
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)  # flow control is the reservation, not a message count
+    sock.setsockopt(zmq.MAXMSGSIZE, cache.num_blocks * cache.block_size * cache.head_dim * cache.kv.element_size())
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 class KVIngest:
     def __init__(
         self,

@@ -106,6 +106,7 @@ class Router(Frontend):
         super().open()
         sock = self.zmq_context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead peer fails at once
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.server.max_message_bytes)  # peers send only small messages
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
         sock.setsockopt(zmq.LINGER, 0)
