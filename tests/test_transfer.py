@@ -23,14 +23,19 @@ def filled_cache(dtype: torch.dtype = torch.float32, blocks: int = 64, layers: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layers_per_chunk", [1, 3])
 @pytest.mark.parametrize("scattered", [False, True])  # consecutive blocks: zero-copy slabs; else staged
-def test_request_kv_crosses_a_socket_intact(dtype: torch.dtype, layers_per_chunk: int, scattered: bool) -> None:
+@pytest.mark.parametrize("generic", [False, True])  # receive frames, then scatter: a GPU cache's path
+def test_request_kv_crosses_a_socket_intact(
+    dtype: torch.dtype, layers_per_chunk: int, scattered: bool, generic: bool
+) -> None:
     src = filled_cache(dtype)
     dst = PagedKVCache(4, 80, 16, 2, 8, dtype=dtype)
     src_blocks = [5, 9, 10, 11, 40, 2] if scattered else [20, 21, 22, 23, 24, 25]
     dst_blocks = dst.pool.allocate(len(src_blocks))
-    if scattered:
-        dst_blocks = dst_blocks[::-1]
+    if scattered:  # runs of 2, 1, 2 and 1 consecutive blocks
+        dst_blocks = [dst_blocks[i] for i in (4, 5, 0, 2, 3, 1)]
     receiver = KVReceiver(dst)
+    if generic:
+        receiver.views = None
     receiver.expect("r1", dst_blocks)
     with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
         ctx = zmq.Context()

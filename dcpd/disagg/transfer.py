@@ -92,6 +92,18 @@ def consecutive(block_ids: list[int]) -> bool:
     return all(b == block_ids[0] + i for i, b in enumerate(block_ids))
 
 
+def runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(first id, length, position in `block_ids`) of each run of consecutive ids, in order."""
+    out: list[tuple[int, int, int]] = []
+    for position, block in enumerate(block_ids):
+        if out and out[-1][0] + out[-1][1] == block:
+            first, length, start = out[-1]
+            out[-1] = (first, length + 1, start)
+        else:
+            out.append((block, 1, position))
+    return out
+
+
 class SlabViews:
     """Byte views of a CPU cache's slabs, by arithmetic on one memoryview of the whole cache (no
     tensor is made per slab). A slab is (layer, K/V, head) of a run of consecutive blocks: contiguous
@@ -372,27 +384,35 @@ class KVReceiver:
         num_slabs = shape[0] * 2 * shape[2]
         slab_bytes = cache.kv.element_size() * shape[3] * shape[4] * shape[5]
         digest = xxhash.xxh3_64()
-        direct = self.views is not None and consecutive(blocks)
-        targets = self.views.slabs((header.layer_start, header.layer_end), blocks[0], len(blocks)) if direct else []
-        received: list[memoryview] = []
+        views = self.views
+        # On a CPU cache, each run of consecutive reserved blocks has its own slice of every slab row.
+        block_runs = runs(blocks) if views is not None else []
+        layers = (header.layer_start, header.layer_end)
+        targets = [views.slabs(layers, first, length) for first, length, _ in block_runs] if views else []
+        received: list[memoryview] = []  # a GPU cache: scattered after the checksum
         for i in range(num_slabs):
             if not frames.more():
                 raise TransferError(f"chunk has {i} slab frames, its shape implies {num_slabs}")
-            if direct:
-                size = frames.read_into(targets[i])
-                slab = targets[i]
+            if len(targets) == 1:  # consecutive blocks: received straight into the cache
+                slab = targets[0][i]
+                size = frames.read_into(slab)
             else:
                 slab = frames.read()
                 size = slab.nbytes
-                received.append(slab)
             if size != slab_bytes:
                 raise TransferError(f"chunk slab has {size} bytes, its shape implies {slab_bytes}")
+            if len(targets) > 1:
+                width = views.block_bytes
+                for (_, length, position), run_targets in zip(block_runs, targets, strict=True):
+                    run_targets[i][:] = slab[position * width : (position + length) * width]
+            elif not targets:
+                received.append(slab)
             digest.update(slab)  # just written or received: still in the CPU cache
         if frames.more():
             raise TransferError(f"chunk has more than the {num_slabs} slab frames its shape implies")
         if digest.intdigest() != header.checksum:
             raise TransferError("chunk checksum mismatch: the payload was corrupted")
-        if not direct:
+        if received:
             data = torch.stack([torch.frombuffer(slab, dtype=cache.dtype) for slab in received]).view(shape)
             cache.scatter(blocks, data, layers=slice(header.layer_start, header.layer_end))
         return num_slabs * slab_bytes
