@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from multiprocessing.sharedctypes import Synchronized
 
 import torch
 import zmq
@@ -69,7 +70,7 @@ def make_cache(case: str, blocks: int) -> PagedKVCache:
     return PagedKVCache(layers, blocks, BLOCK, heads, dim, dtype=dtype)
 
 
-def receiver_main(case: str, port: int, requests: int, ready: mp.Event) -> None:
+def receiver_main(case: str, port: int, requests: int, ready: mp.Event, cpu: Synchronized) -> None:
     cache = make_cache(case, TOKENS // BLOCK + 1)
     blocks = cache.pool.allocate(TOKENS // BLOCK)
     receiver = KVReceiver(cache)
@@ -77,6 +78,7 @@ def receiver_main(case: str, port: int, requests: int, ready: mp.Event) -> None:
     router = ctx.socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port}")
     ready.set()
+    start = time.process_time()  # this process's CPU, its ZeroMQ I/O thread included
     for i in range(requests):
         receiver.expect(f"r{i}", blocks)  # the same reserved blocks, overwritten by each request
         while True:
@@ -84,12 +86,15 @@ def receiver_main(case: str, port: int, requests: int, ready: mp.Event) -> None:
             if ack is not None:
                 assert ack.ok, ack.error
                 break
+    cpu.value = time.process_time() - start
     time.sleep(0.5)  # let the last ack leave
     router.close(linger=1000)
     ctx.term()
 
 
-def raw_receiver_main(case: str, into_pool: bool, port: int, back_port: int, requests: int, ready: mp.Event) -> None:
+def raw_receiver_main(
+    case: str, into_pool: bool, port: int, back_port: int, requests: int, ready: mp.Event, cpu: Synchronized
+) -> None:
     layers = CASES[case][0]
     views = SlabViews(make_cache(case, TOKENS // BLOCK + 1)) if into_pool else None
     ctx = zmq.Context()
@@ -98,6 +103,7 @@ def raw_receiver_main(case: str, into_pool: bool, port: int, back_port: int, req
     done = ctx.socket(zmq.PUSH)
     done.connect(f"tcp://127.0.0.1:{back_port}")
     ready.set()
+    start = time.process_time()
     received = 0
     for i in range(requests * layers):
         if views is None:
@@ -105,16 +111,18 @@ def raw_receiver_main(case: str, into_pool: bool, port: int, back_port: int, req
         else:  # each slab frame lands in its slice of the blocks: the least a KV receiver must do
             for target in views.slabs((i % layers, i % layers + 1), 0, TOKENS // BLOCK):
                 received += pull.recv_into(target)
+    cpu.value = time.process_time() - start
     done.send(str(received).encode())
     done.close(linger=1000)
     pull.close(linger=0)
     ctx.term()
 
 
-def ours(case: str, requests: int) -> tuple[float, int]:
+def ours(case: str, requests: int) -> tuple[float, int, float]:
+    """(seconds, bytes, CPU seconds of both processes)."""
     port = free_port()
-    ready = mp.get_context("spawn").Event()
-    proc = mp.get_context("spawn").Process(target=receiver_main, args=(case, port, requests, ready))
+    ready, cpu = mp.get_context("spawn").Event(), mp.get_context("spawn").Value("d", 0.0)
+    proc = mp.get_context("spawn").Process(target=receiver_main, args=(case, port, requests, ready, cpu))
     proc.start()
     ready.wait(60)
     cache = make_cache(case, TOKENS // BLOCK + 1)
@@ -122,19 +130,19 @@ def ours(case: str, requests: int) -> tuple[float, int]:
     blocks = cache.pool.allocate(TOKENS // BLOCK)
     ctx = zmq.Context()
     sender = KVSender(cache, f"tcp://127.0.0.1:{port}", context=ctx)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     total = sum(sender.send_request(f"r{i}", blocks) for i in range(requests))
     for _ in range(requests):
         ack = sender.wait_ack(120)
         assert ack.ok, ack.error
-    elapsed = time.perf_counter() - start
+    elapsed, sender_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     sender.close()
     ctx.term()
     proc.join(30)
-    return elapsed, total
+    return elapsed, total, sender_cpu + cpu.value
 
 
-def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, int]:
+def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, int, float]:
     """Raw PUSH/PULL of the same bytes in the same message sizes. Plain: one frame per message from a
     preallocated buffer, the receiver only counting. `into_pool`: the request's own slab frames from
     a cache, each received (`recv_into`) into its slice of a receiving cache's blocks; no header,
@@ -149,15 +157,15 @@ def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, in
     ctx = zmq.Context()
     back = ctx.socket(zmq.PULL)
     back.bind(f"tcp://127.0.0.1:{back_port}")
-    ready = mp.get_context("spawn").Event()
+    ready, cpu = mp.get_context("spawn").Event(), mp.get_context("spawn").Value("d", 0.0)
     proc = mp.get_context("spawn").Process(
-        target=raw_receiver_main, args=(case, into_pool, port, back_port, requests, ready)
+        target=raw_receiver_main, args=(case, into_pool, port, back_port, requests, ready, cpu)
     )
     proc.start()
     ready.wait(60)
     push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(requests):
         for layer in range(layers):
             if into_pool:
@@ -165,12 +173,12 @@ def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, in
             else:
                 push.send(payload, copy=False)
     received = int(back.recv())
-    elapsed = time.perf_counter() - start
+    elapsed, sender_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     push.close(linger=0)
     back.close(linger=0)
     ctx.term()
     proc.join(30)
-    return elapsed, received
+    return elapsed, received, sender_cpu + cpu.value
 
 
 def build_checkpoint(path: str) -> None:
@@ -282,10 +290,14 @@ def main() -> None:
     ceilings: list[float] = []
     for case, (layers, heads, dim, dtype) in CASES.items() if not args.skip_transfer else ():
         ours_gbs, raw_gbs, into_gbs = [], [], []
+        cpu: dict[str, list[float]] = {"dcpd": [], "raw_zmq": [], "raw_zmq_into_pool": []}
         for _ in range(args.rounds):
-            for out, run in ((ours_gbs, ours), (raw_gbs, raw), (into_gbs, partial(raw, into_pool=True))):
-                seconds, nbytes = run(case, args.requests)
+            runs = ((ours_gbs, ours, "dcpd"), (raw_gbs, raw, "raw_zmq"),
+                    (into_gbs, partial(raw, into_pool=True), "raw_zmq_into_pool"))  # fmt: skip
+            for out, run, name in runs:
+                seconds, nbytes, cpu_seconds = run(case, args.requests)
                 out.append(nbytes / seconds / 1e9)
+                cpu[name].append(cpu_seconds / (nbytes / 1e9))
         ours_med, raw_med, into_med = (statistics.median(x) for x in (ours_gbs, raw_gbs, into_gbs))
         ratios.append(ours_med / raw_med)
         ceilings.append(into_med / raw_med)
@@ -297,6 +309,7 @@ def main() -> None:
             "raw_zmq_into_pool_gb_s": into_med,
             "ratio": ours_med / raw_med,
             "ratio_vs_into_pool": ours_med / into_med,
+            **{f"{name}_cpu_s_per_gb": statistics.median(values) for name, values in cpu.items()},
         }
     if ratios:
         result["transfer_ratio_vs_raw_zmq"] = statistics.median(ratios)
