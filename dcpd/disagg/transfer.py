@@ -38,7 +38,9 @@ TRANSFER_VERSION = 2
 STAGING_BUFFERS = 3  # chunks in flight per sender before it waits for ZeroMQ to release one
 
 
-class KVChunkHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+# gc=False on the per-chunk structs: they hold only scalars and lists of ints (no cycles possible), and
+# tracking thousands of them a second only feeds the garbage collector.
+class KVChunkHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, gc=False):
     v: int = TRANSFER_VERSION
     request_id: str
     seq: int  # 0, 1, 2, ... per request
@@ -53,7 +55,7 @@ class KVChunkHeader(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     first_token: int | None = None  # on the last chunk: the token the prefill peer sampled
 
 
-class KVAck(msgspec.Struct, kw_only=True):
+class KVAck(msgspec.Struct, kw_only=True, gc=False):
     request_id: str
     ok: bool
     chunks: int
