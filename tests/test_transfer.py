@@ -128,31 +128,28 @@ def test_a_bad_message_on_the_socket_is_drained_and_the_next_one_lands(blocks: l
     dst = PagedKVCache(1, 16, 16, 2, 8)
     receiver = KVReceiver(dst)
     header, slabs = chunk(src, [1, 2], last=True)
-    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
-        ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
         router = ctx.socket(zmq.ROUTER)
         router.bind(f"ipc://{tmp}/kv")
         dealer = ctx.socket(zmq.DEALER)
         dealer.connect(f"ipc://{tmp}/kv")
         bad = [
-            [header, *slabs[:2], bytes(slabs[2])[:-4], slabs[3]],  # a short slab mid-message
-            [header, *slabs, slabs[0]],  # one slab too many
-            [header],  # no slabs at all
-            [msgspec.msgpack.encode({"v": 2}), *slabs],  # a header that does not decode
+            ([header, *slabs[:2], bytes(slabs[2])[:-4], slabs[3]], "slab has 1020 bytes"),  # short, mid-message
+            ([header, slabs[0], bytes(slabs[1]) + b"tail", *slabs[2:]], "slab has 1028 bytes"),  # long: truncated
+            ([header, *slabs, slabs[0]], "more than the 4 slab frames"),
+            ([header], "got 1 frame"),
+            ([msgspec.msgpack.encode({"v": 2}), *slabs], "bad chunk header"),
         ]
-        for frames in bad:
+        for frames, message in bad:
             receiver.expect("r", blocks)
             dealer.send_multipart(frames)
             ack = receiver.serve_once(router, timeout_ms=10000)
-            assert ack is not None and not ack.ok, ack
+            assert ack is not None and not ack.ok and message in ack.error, ack
             assert msgspec.msgpack.decode(dealer.recv()) == msgspec.structs.asdict(ack)
             receiver.cancel("r")
         receiver.expect("r", blocks)
         dealer.send_multipart([header, *slabs])
         ack = receiver.serve_once(router, timeout_ms=10000)
-        dealer.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
     assert ack is not None and ack.ok, ack.error
     assert torch.equal(dst.gather(blocks), src.gather([1, 2]))
 
@@ -180,8 +177,7 @@ def test_the_kv_socket_refuses_a_frame_larger_than_any_slab_and_keeps_receiving(
     dst = PagedKVCache(1, 16, 16, 2, 8)  # the largest legal slab: 16 blocks * 16 * 8 * 4 bytes = 8 KiB
     receiver = KVReceiver(dst)
     header, slabs = chunk(src, [1, 2], last=True)
-    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp:
-        ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
         router = bind_kv_socket(ctx, dst, f"ipc://{tmp}/kv")
         rogue = ctx.socket(zmq.DEALER)
         rogue.connect(f"ipc://{tmp}/kv")
@@ -192,8 +188,5 @@ def test_the_kv_socket_refuses_a_frame_larger_than_any_slab_and_keeps_receiving(
         receiver.expect("r", [3, 4])
         sender.send_multipart([header, *slabs])
         ack = receiver.serve_once(router, timeout_ms=10000)
-        for sock in (rogue, sender, router):
-            sock.close(linger=0)
-        ctx.term()
     assert ack is not None and ack.ok, ack
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
