@@ -70,6 +70,7 @@ class EngineSection(_Section):
     kv_reserve_fraction: float = 0.05
     seed: int = 0
     threads: int = 0  # torch compute threads; 0 = torch's default
+    step_timeout_s: float = 600.0  # a step running longer is stuck: the daemon exits 1 (0: never)
 
 
 class LoggingSection(_Section):
@@ -149,6 +150,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be >= 0")
     if d.max_attempts < 1:
         raise ConfigError(f"disagg.max_attempts = {d.max_attempts}: must be >= 1")
+    if config.engine.step_timeout_s < 0:
+        raise ConfigError(f"engine.step_timeout_s = {config.engine.step_timeout_s}: must be >= 0 (0: never)")
     if config.server.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s = {config.server.drain_timeout_s}: must be >= 0")
     if not 0 <= config.metrics.port < 65536:

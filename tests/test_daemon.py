@@ -252,6 +252,28 @@ def test_drain_budget_aborts_the_rest_with_an_error() -> None:
         d.stop(5)
 
 
+def test_a_stuck_step_fails_its_requests_and_exits_1() -> None:
+    from dcpd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"engine.step_timeout_s = -1.0: must be >= 0 \(0: never\)"):
+        load_config(overrides=["engine.step_timeout_s=-1.0"])
+    # 0.05 s is "stuck" for this test: the first step, 8,192 prompt tokens, takes far longer here
+    d = start_daemon("engine.step_timeout_s=0.05")
+    try:
+        with Client(d.endpoint, timeout=60) as client:
+            prompts = [[(7 * i + j) % 250 + 3 for j in range(2000)] for i in range(6)]
+            streams = [client.generate(prompt_ids=prompt, max_tokens=4) for prompt in prompts]
+            for stream in streams:
+                with pytest.raises(ServerError, match="engine step is stuck") as info:
+                    stream.result()
+                assert info.value.code == "internal"
+        assert d.proc.wait(30) == 1
+        assert "engine step stuck; exiting" in d.log_text()
+        assert "STATUS=engine step stuck; exiting" in d.read_notifications()
+    finally:
+        d.stop(5)
+
+
 def dcpd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dcpd.cli", *args], capture_output=True, text=True, timeout=120)
 

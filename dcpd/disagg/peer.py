@@ -102,6 +102,9 @@ class PeerService(Service):
     def shutdown(self) -> None:
         self.worker.executor.shutdown(wait=True)
 
+    def step_running_s(self) -> float:
+        return self.worker.running_s()
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "router": self.config.disagg.router_endpoint, "kv_endpoint": self.kv_endpoint(),
                 "model": self.loaded.source, "kv_blocks": self.engine.kv_cache.num_blocks}  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -44,10 +45,20 @@ class EngineService:
     def __init__(self, config: Config, loaded: LoadedModel) -> None:
         self.engine = LLMEngine(loaded, plan_config(config.engine), seed=config.engine.seed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcpd-step")
+        self.busy_since: float | None = None  # monotonic start of the call in flight
 
     async def run_in_step_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """One call at a time (the role's engine loop awaits each before the next)."""
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
+        self.busy_since = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
+        finally:
+            self.busy_since = None
+
+    def running_s(self) -> float:
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
 
 class Daemon(Frontend):
@@ -67,6 +78,9 @@ class Daemon(Frontend):
 
     def shutdown(self) -> None:
         self.worker.executor.shutdown(wait=True)
+
+    def step_running_s(self) -> float:
+        return self.worker.running_s()
 
     # -- Frontend hooks: requests and aborts wait for the next gap between steps --------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> list[int]:

@@ -228,6 +228,11 @@ class Frontend(Service):
         self.submit(request)
         return None
 
+    def on_step_stuck(self) -> None:
+        why = "the engine step is stuck; the server is exiting"
+        for request in list(self.inflight.values()):
+            self.finish(request, "error", error=why, error_code="internal")
+
     # -- replies -------------------------------------------------------------------------------------
     def deliver(
         self, key: str, new_token_ids: list[int], finished: bool, reason: str | None, error: str | None = None

@@ -2,13 +2,18 @@
 
 A role subclasses `Service`, binds its sockets in `open()`, returns its loop
 coroutines from `tasks()`, and calls `self.stopped.set()` once drained. The
-watchdog ping is sent from the event loop, so a stalled loop trips it.
+watchdog ping is sent from the event loop, so a stalled loop trips it. A role
+with an engine reports how long its current step has run (`step_running_s`):
+past `engine.step_timeout_s` the step is stuck, and since a Python thread
+cannot be stopped, the process fails its requests and exits 1 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -54,6 +59,13 @@ class Service:
     def on_drain_deadline(self) -> None:
         """The drain budget ran out: abort what is left."""
 
+    def step_running_s(self) -> float:
+        """How long the engine step in flight has run (0.0: none, or no engine)."""
+        return 0.0
+
+    def on_step_stuck(self) -> None:
+        """The step is stuck and the process is about to exit: tell whoever waits on it."""
+
     # -- lifecycle ----------------------------------------------------------------------------------
     async def serve(self, extra: list[Coroutine[Any, Any, None]] | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -74,6 +86,8 @@ class Service:
         interval = watchdog_interval_s()
         if interval:
             tasks.append(asyncio.create_task(self._watchdog(interval)))
+        if self.config.engine.step_timeout_s > 0:
+            tasks.append(asyncio.create_task(self._step_watch(self.config.engine.step_timeout_s)))
         for coro in extra or []:
             self._optional_tasks.add(coro.__name__)
             tasks.append(asyncio.create_task(coro))
@@ -120,6 +134,23 @@ class Service:
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         asyncio.get_running_loop().call_later(self.config.server.drain_timeout_s, self.on_drain_deadline)
         self.on_drain()
+
+    async def _step_watch(self, timeout: float) -> None:
+        """Exit 1 when a step outlives `timeout`: the loop (which feeds the watchdog and sends heartbeats)
+        would otherwise keep a daemon whose engine is gone looking healthy, and the drain would wait on
+        the step for ever."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            running = self.step_running_s()
+            if running <= timeout:
+                continue
+            log.error("engine step stuck; exiting", running_s=round(running, 2), step_timeout_s=timeout)
+            self.notifier.notify("STATUS=engine step stuck; exiting")
+            self.on_step_stuck()
+            await asyncio.sleep(0.5)  # let ZeroMQ's I/O thread send those replies
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # not a normal exit: that would join the stuck step thread
 
     async def _watchdog(self, interval: float) -> None:
         while True:
