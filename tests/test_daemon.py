@@ -274,6 +274,35 @@ def test_a_stuck_step_fails_its_requests_and_exits_1() -> None:
         d.stop(5)
 
 
+STUCK_AT_EXIT = """
+import asyncio, sys, time
+from dcpd.config import load_config
+from dcpd.model.default import build_default_model
+from dcpd.server.daemon import EngineService
+
+async def main() -> None:
+    worker = EngineService(load_config(overrides=[f"engine.step_timeout_s={sys.argv[1]}"]), build_default_model())
+    fast = await worker.run_in_step_thread(sum, [1, 2])  # a call that returns: nothing to wait for
+    task = asyncio.create_task(worker.run_in_step_thread(time.sleep, 60))  # one that does not
+    await asyncio.sleep(0.2)
+    task.cancel()  # the loop stops awaiting it; the thread still runs it
+    print(fast, round(worker.running_s(), 1), flush=True)
+    worker.close(exit_code=3)
+    print("not reached", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_step_still_running_at_exit_is_waited_for_up_to_the_timeout_then_the_process_exits() -> None:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STUCK_AT_EXIT, "1.0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines()[0] == "3 0.2" and "not reached" not in proc.stdout
+    assert "engine step still running at exit" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 30  # not the 60 s the stuck call would take
+
+
 def dcpd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dcpd.cli", *args], capture_output=True, text=True, timeout=120)
 

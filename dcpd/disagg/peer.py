@@ -100,7 +100,7 @@ class PeerService(Service):
             self.control.close(linger=0)
 
     def shutdown(self) -> None:
-        self.worker.executor.shutdown(wait=True)
+        self.worker.close(self.exit_code)
 
     def step_running_s(self) -> float:
         return self.worker.running_s()

@@ -11,6 +11,7 @@ socket while the model computes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import time
 from collections.abc import Callable, Coroutine
@@ -24,6 +25,7 @@ from dcpd.config import Config, EngineSection
 from dcpd.engine import LLMEngine, RequestError, SamplingParams
 from dcpd.model.loader import LoadedModel
 from dcpd.server.frontend import ClientRequest, Frontend
+from dcpd.server.service import exit_now
 
 log = structlog.get_logger("dcpd.daemon")
 T = TypeVar("T")
@@ -45,20 +47,35 @@ class EngineService:
     def __init__(self, config: Config, loaded: LoadedModel) -> None:
         self.engine = LLMEngine(loaded, plan_config(config.engine), seed=config.engine.seed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcpd-step")
-        self.busy_since: float | None = None  # monotonic start of the call in flight
+        self.step_timeout_s = config.engine.step_timeout_s
+        self.in_flight: concurrent.futures.Future | None = None  # the last call, until it has returned
+        self.started = 0.0
 
     async def run_in_step_thread(self, fn: Callable[..., T], *args: object) -> T:
         """One call at a time (the role's engine loop awaits each before the next)."""
         context = contextvars.copy_context()
-        self.busy_since = time.monotonic()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
-        finally:
-            self.busy_since = None
+        self.started = time.monotonic()
+        self.in_flight = self.executor.submit(context.run, fn, *args)
+        return await asyncio.wrap_future(self.in_flight)
 
     def running_s(self) -> float:
-        since = self.busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long the call in the step thread has run; 0.0 when there is none (even if the loop
+        stopped awaiting it: the thread may still be running it)."""
+        call = self.in_flight
+        return 0.0 if call is None or call.done() else time.monotonic() - self.started
+
+    def close(self, exit_code: int) -> None:
+        """Stop the step thread. A call still running is waited for up to what is left of
+        `engine.step_timeout_s` (for ever when that is 0); past that it is stuck, and since a normal
+        exit would join its thread, the process exits at once."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        call = self.in_flight
+        if call is None or call.done():
+            return
+        timeout = max(0.0, self.step_timeout_s - self.running_s()) if self.step_timeout_s > 0 else None
+        if not concurrent.futures.wait([call], timeout=timeout).done:
+            log.error("engine step still running at exit; not waiting for it", step_timeout_s=self.step_timeout_s)
+            exit_now(exit_code or 1)
 
 
 class Daemon(Frontend):
@@ -77,7 +94,7 @@ class Daemon(Frontend):
         return {**super().describe(), "kv_blocks": self.engine.kv_cache.num_blocks}
 
     def shutdown(self) -> None:
-        self.worker.executor.shutdown(wait=True)
+        self.worker.close(self.exit_code)
 
     def step_running_s(self) -> float:
         return self.worker.running_s()

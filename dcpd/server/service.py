@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -26,6 +27,13 @@ from dcpd.server.metrics import Metrics
 from dcpd.server.sdnotify import Notifier, watchdog_interval_s
 
 log = structlog.get_logger("dcpd.service")
+
+
+def exit_now(code: int) -> None:
+    """Exit the process at once. A normal exit would join the step thread, which may never return."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Service:
@@ -147,10 +155,10 @@ class Service:
             log.error("engine step stuck; exiting", running_s=round(running, 2), step_timeout_s=timeout)
             self.notifier.notify("STATUS=engine step stuck; exiting")
             self.on_step_stuck()
-            await asyncio.sleep(0.5)  # let ZeroMQ's I/O thread send those replies
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)  # not a normal exit: that would join the stuck step thread
+            # Blocking on purpose: nothing on the loop may run (or cancel this) from here on, while
+            # ZeroMQ's I/O thread sends the replies on_step_stuck queued.
+            time.sleep(0.5)
+            exit_now(1)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
