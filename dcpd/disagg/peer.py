@@ -105,6 +105,11 @@ class PeerService(Service):
     def step_running_s(self) -> float:
         return self.worker.running_s()
 
+    def on_step_stuck(self) -> None:
+        # Loop-side only (engine changes are queued between steps, and none will come): the router
+        # hears now, not a peer_timeout_s later, and retries what it can elsewhere.
+        self.drop_everything("the engine step is stuck; the peer is exiting", report=True)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "router": self.config.disagg.router_endpoint, "kv_endpoint": self.kv_endpoint(),
                 "model": self.loaded.source, "kv_blocks": self.engine.kv_cache.num_blocks}  # fmt: skip
