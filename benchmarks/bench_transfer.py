@@ -148,11 +148,13 @@ def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, in
     a cache, each received (`recv_into`) into its slice of a receiving cache's blocks; no header,
     check or checksum."""
     layers, heads, dim, dtype = CASES[case]
-    message = torch.zeros(2 * heads * TOKENS * dim, dtype=dtype)
-    payload = memoryview(message.view(torch.uint8).numpy()).cast("B")
-    cache = make_cache(case, TOKENS // BLOCK + 1)
-    cache.kv.normal_()
-    views = SlabViews(cache)
+    if into_pool:
+        cache = make_cache(case, TOKENS // BLOCK + 1)
+        cache.kv.normal_()
+        views = SlabViews(cache)
+    else:
+        message = torch.zeros(2 * heads * TOKENS * dim, dtype=dtype)
+        payload = memoryview(message.view(torch.uint8).numpy()).cast("B")
     port, back_port = free_port(), free_port()
     ctx = zmq.Context()
     back = ctx.socket(zmq.PULL)

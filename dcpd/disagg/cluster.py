@@ -78,9 +78,10 @@ def _log(event: str, **fields: object) -> None:
 
 
 class Cluster:
-    def __init__(self, args: argparse.Namespace, frontend: str) -> None:
+    def __init__(self, args: argparse.Namespace, frontend: str, drain_timeout_s: float) -> None:
         self.args = args
         self.frontend = frontend
+        self.drain_timeout_s = drain_timeout_s  # each child's (server.drain_timeout_s)
         self.runtime = tempfile.mkdtemp(prefix="dcpd-", dir="/tmp")  # ipc paths must stay short
         self.router_endpoint = f"ipc://{self.runtime}/router"
         self.children: list[Child] = []
@@ -160,7 +161,7 @@ class Cluster:
         """Drain: the router first, then the peers. One budget for all (two drains + margin); whatever
         outlives it, or everything after a second signal, gets SIGKILL."""
         Notifier().notify("STOPPING=1")
-        deadline = time.monotonic() + 2 * load_config(self.args.config, self.args.overrides).server.drain_timeout_s + 20
+        deadline = time.monotonic() + 2 * self.drain_timeout_s + 20
         status = 0
         groups = [self.children[:1], self.children[1:]]
         for group in groups:
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dcpd cluster: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    cluster = Cluster(args, args.frontend or config.server.frontend)
+    cluster = Cluster(args, args.frontend or config.server.frontend, config.server.drain_timeout_s)
 
     def on_signal(signum: int, _frame: object) -> None:
         cluster.force = cluster.stopping  # a second signal while draining: kill now

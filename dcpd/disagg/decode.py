@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import zmq
@@ -73,9 +72,6 @@ class DecodePeer(PeerService):
         if self.ingest is not None:
             self.ingest.stop()
         self.kv_context.term()
-
-    def describe(self) -> dict[str, Any]:
-        return super().describe()
 
     def idle(self) -> bool:
         return not self.awaiting and not self.active and not self.engine.has_unfinished() and not self.engine.reserved

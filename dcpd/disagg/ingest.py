@@ -55,7 +55,7 @@ class KVIngest:
         self.socket = socket
         self.on_done = on_done
         self.on_cancelled = on_cancelled
-        self.commands: queue.SimpleQueue[tuple[str, str, list[int]] | None] = queue.SimpleQueue()
+        self.commands: queue.SimpleQueue[tuple[str, str, list[int]]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="dcpd-kv-ingest", daemon=True)
         self._stop = threading.Event()
 

@@ -21,14 +21,41 @@ A request's life, keyed by `key` (the router's id for one attempt of one request
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
+import structlog
+import zmq
+import zmq.asyncio
 
 from dcpd.disagg.layout import PeerLayout
 from dcpd.server.protocol import SamplingOptions
 
 CONTROL_VERSION = 1
+CONTROL_HWM = 100_000  # queued control messages per peer before sends fail (they never should)
+
+log = structlog.get_logger("dcpd.control")
+
+
+def control_socket(context: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
+    """A socket of the control channel (the router's ROUTER, or a peer's DEALER), not yet bound."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, CONTROL_HWM)
+    sock.setsockopt(zmq.RCVHWM, CONTROL_HWM)
+    return sock
+
+
+def log_send_failure(what: str) -> Callable[[asyncio.Future], None]:
+    """A done-callback for a non-blocking control send: a failure is logged as `what` not sent."""
+
+    def done(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning(f"{what} not sent", error=repr(future.exception()))
+
+    return done
 
 
 class _Control(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):

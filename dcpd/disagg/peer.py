@@ -38,11 +38,6 @@ def peer_name(config: Config) -> str:
     return config.disagg.peer_name or f"{config.server.role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def _log_send_failure(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("control message not sent", error=repr(future.exception()))
-
-
 class PeerService(Service):
     role: str
 
@@ -87,11 +82,8 @@ class PeerService(Service):
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
-        sock = self.zmq_context.socket(zmq.DEALER)
+        sock = m.control_socket(self.zmq_context, zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100000)
-        sock.setsockopt(zmq.RCVHWM, 100000)
         self.control = sock
         sock.connect(self.config.disagg.router_endpoint)
 
@@ -138,7 +130,7 @@ class PeerService(Service):
         if self.control is None:
             return
         future = self.control.send(m.encode(message), flags=zmq.NOBLOCK)
-        future.add_done_callback(_log_send_failure)
+        future.add_done_callback(m.log_send_failure("control message"))
 
     def load(self) -> m.PeerLoad:
         pool = self.engine.kv_cache.pool
@@ -162,7 +154,7 @@ class PeerService(Service):
                                       kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid(),
                                       epoch=self.epoch))  # fmt: skip
             self.housekeeping()
-            self._update_gauges()
+            self.worker.update_gauges(self.metrics)
             await asyncio.sleep(d.heartbeat_interval_s)
 
     def _lost_router(self, why: str) -> None:
@@ -240,10 +232,3 @@ class PeerService(Service):
                 continue
             self.metrics.steps.inc()
             self.after_step(outputs)
-
-    def _update_gauges(self) -> None:
-        pool = self.engine.kv_cache.pool
-        self.metrics.queue_depth.set(len(self.engine.scheduler.waiting))
-        self.metrics.running.set(len(self.engine.scheduler.running))
-        self.metrics.kv_used.set(pool.num_used)
-        self.metrics.kv_free.set(pool.num_free)

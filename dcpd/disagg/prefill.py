@@ -15,7 +15,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -74,9 +73,6 @@ class PrefillPeer(PeerService):
         super().shutdown()
         if self.pusher is not None:
             self.pusher.stop()
-
-    def describe(self) -> dict[str, Any]:
-        return super().describe()
 
     def idle(self) -> bool:
         return not self.jobs and not self.engine.held_kv and not self.engine.has_unfinished()

@@ -58,7 +58,7 @@ class KVPusher:
         self.on_crash = on_crash
         self.on_first_chunk = on_first_chunk
         self.on_done = on_done
-        self.send_timeout_ms = int(send_timeout_s * 1000)
+        self.send_timeout_s = send_timeout_s
         self.context = zmq.Context()
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
         self.senders: dict[str, KVSender] = {}
@@ -125,7 +125,7 @@ class KVPusher:
     def _sender(self, endpoint: str) -> KVSender:
         sender = self.senders.get(endpoint)
         if sender is None:
-            sender = KVSender(self.cache, endpoint, context=self.context, timeout_s=self.send_timeout_ms / 1000)
+            sender = KVSender(self.cache, endpoint, context=self.context, timeout_s=self.send_timeout_s)
             self.senders[endpoint] = sender
         return sender
 
@@ -147,7 +147,7 @@ class KVPusher:
         except TimeoutError as exc:  # a dead or stuck decode peer: fail its transfers, start afresh
             self._fail(chunk.key, f"decode peer at {chunk.endpoint}: {exc}")
             self._command("drop", chunk.endpoint)
-            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_ms / 1000
+            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_s
         except Exception as exc:
             log.exception("sending KV failed", key=chunk.key)
             self._fail(chunk.key, f"sending KV to {chunk.endpoint} failed: {exc!r}")

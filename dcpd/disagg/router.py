@@ -41,11 +41,6 @@ from dcpd.server.frontend import ClientRequest, Frontend
 log = structlog.get_logger("dcpd.router")
 
 
-def _log_send_failure(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("reply to an unregistered peer not sent", error=repr(future.exception()))
-
-
 TICK_S = 0.02  # how often timeouts, dead peers and the queue are checked
 
 
@@ -104,12 +99,9 @@ class Router(Frontend):
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
         super().open()
-        sock = self.zmq_context.socket(zmq.ROUTER)
+        sock = m.control_socket(self.zmq_context, zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead peer fails at once
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.server.max_message_bytes)  # peers send only small messages
-        sock.setsockopt(zmq.SNDHWM, 100000)
-        sock.setsockopt(zmq.RCVHWM, 100000)
-        sock.setsockopt(zmq.LINGER, 0)
         self.peer_socket = sock
         sock.bind(self.config.disagg.router_endpoint)
 
@@ -146,8 +138,7 @@ class Router(Frontend):
         sampling = self._sampling_options(request.params)
         route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)))
         self.by_client[request.key] = route
-        missing = [role for role in ("prefill", "decode") if not self._live(role)]
-        if missing:
+        if missing := self._missing_roles():
             self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
             return
         self._start_attempt(route)
@@ -170,6 +161,10 @@ class Router(Frontend):
     def _live(self, role: str) -> list[Peer]:
         return [peer for peer in self.peers.values() if peer.role == role and not peer.load.draining]
 
+    def _missing_roles(self) -> list[str]:
+        """The roles with no live (registered, not draining) peer."""
+        return [role for role in ("prefill", "decode") if not self._live(role)]
+
     def _send_peer(self, peer: Peer, message: m._Control) -> None:
         future = self.peer_socket.send_multipart([peer.identity, m.encode(message)], flags=zmq.NOBLOCK)
         future.add_done_callback(lambda f: self._peer_send_done(peer, f))
@@ -181,7 +176,7 @@ class Router(Frontend):
 
     def _reply_unregistered(self, identity: bytes, message: m.Registered) -> None:
         future = self.peer_socket.send_multipart([identity, m.encode(message)], flags=zmq.NOBLOCK)
-        future.add_done_callback(_log_send_failure)
+        future.add_done_callback(m.log_send_failure("reply to an unregistered peer"))
 
     async def _peer_loop(self) -> None:
         while True:
@@ -430,7 +425,7 @@ class Router(Frontend):
         elif route.attempt >= self.config.disagg.max_attempts or self.draining:
             self._end(route, "error", "peer_failed", f"{why} (attempt {route.attempt} of "
                                                      f"{self.config.disagg.max_attempts})")  # fmt: skip
-        elif missing := [role for role in ("prefill", "decode") if not self._live(role)]:
+        elif missing := self._missing_roles():
             self._end(route, "error", "peer_failed", f"{why}; no {' or '.join(missing)} peer left to retry on")
         else:
             log.warning("attempt failed; retrying", key=route.key, why=why)

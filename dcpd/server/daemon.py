@@ -25,6 +25,7 @@ from dcpd.config import Config, EngineSection
 from dcpd.engine import LLMEngine, RequestError, SamplingParams
 from dcpd.model.loader import LoadedModel
 from dcpd.server.frontend import ClientRequest, Frontend
+from dcpd.server.metrics import Metrics
 from dcpd.server.service import exit_now
 
 log = structlog.get_logger("dcpd.daemon")
@@ -42,7 +43,8 @@ def plan_config(eng: EngineSection) -> DCPPlanConfig:
 
 
 class EngineService:
-    """An engine stepped in its own thread: `run_step()` awaits one step without blocking the loop."""
+    """An engine stepped in its own thread: `run_in_step_thread()` awaits a call (a step) there without
+    blocking the loop; `running_s()` says how long it has run, for the step watch."""
 
     def __init__(self, config: Config, loaded: LoadedModel) -> None:
         self.engine = LLMEngine(loaded, plan_config(config.engine), seed=config.engine.seed)
@@ -63,6 +65,14 @@ class EngineService:
         stopped awaiting it: the thread may still be running it)."""
         call = self.in_flight
         return 0.0 if call is None or call.done() else time.monotonic() - self.started
+
+    def update_gauges(self, metrics: Metrics, queued: int = 0) -> None:
+        """The engine's queue, batch and KV pool gauges (`queued`: requests not handed to it yet)."""
+        pool = self.engine.kv_cache.pool
+        metrics.queue_depth.set(len(self.engine.scheduler.waiting) + queued)
+        metrics.running.set(len(self.engine.scheduler.running))
+        metrics.kv_used.set(pool.num_used)
+        metrics.kv_free.set(pool.num_free)
 
     def close(self, exit_code: int) -> None:
         """Stop the step thread. A call still running is waited for up to what is left of
@@ -138,7 +148,7 @@ class Daemon(Frontend):
     async def _engine_loop(self) -> None:
         while True:
             self._apply_pending()
-            self._update_gauges()
+            self.worker.update_gauges(self.metrics, queued=len(self.pending_adds))
             if not self.engine.has_unfinished():
                 self.work.clear()
                 if not self.pending_adds and not self.pending_aborts:
@@ -160,13 +170,6 @@ class Daemon(Frontend):
                 self.deliver(output.request_id, output.new_token_ids, output.finished, reason, output.error)
                 if output.finished:
                     self.engine.forget(output.request_id)
-
-    def _update_gauges(self) -> None:
-        pool = self.engine.kv_cache.pool
-        self.metrics.queue_depth.set(len(self.engine.scheduler.waiting) + len(self.pending_adds))
-        self.metrics.running.set(len(self.engine.scheduler.running))
-        self.metrics.kv_used.set(pool.num_used)
-        self.metrics.kv_free.set(pool.num_free)
 
     def stats(self) -> dict[str, int | float | str]:
         pool = self.engine.kv_cache.pool
