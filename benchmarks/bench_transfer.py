@@ -5,7 +5,9 @@
 For each case, a 2,048-token request's KV (block size 16) is pushed layer by
 layer (one message per layer) from a sender process's PagedKVCache to a
 receiver process, which validates each chunk (header, shape, xxh3 checksum),
-lands it in reserved blocks, then acknowledges the request. Baseline: raw
+lands it in reserved blocks, then acknowledges the request; the receiver binds
+its socket and sets its allocator as a decode peer does (`bind_kv_socket`,
+`keep_frame_memory`; the raw receivers get the same allocator setting). Baseline: raw
 PUSH/PULL between two processes sending the same number of messages of the
 same size, `copy=False` from a preallocated buffer, the receiver only counting
 them. A second reference, "into pool": raw PUSH/PULL of the request's own slab
@@ -49,7 +51,8 @@ import zmq
 from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 
 from dcpd.client import AsyncClient
-from dcpd.disagg.transfer import KVReceiver, KVSender, SlabViews
+from dcpd.disagg.ingest import bind_kv_socket
+from dcpd.disagg.transfer import KVReceiver, KVSender, SlabViews, keep_frame_memory
 from dcpd.kv.cache import PagedKVCache
 
 TOKENS, BLOCK = 2048, 16
@@ -71,12 +74,12 @@ def make_cache(case: str, blocks: int) -> PagedKVCache:
 
 
 def receiver_main(case: str, port: int, requests: int, ready: mp.Event, cpu: Synchronized) -> None:
+    keep_frame_memory()  # as a decode peer does at start
     cache = make_cache(case, TOKENS // BLOCK + 1)
     blocks = cache.pool.allocate(TOKENS // BLOCK)
     receiver = KVReceiver(cache)
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(f"tcp://127.0.0.1:{port}")
+    router = bind_kv_socket(ctx, cache, f"tcp://127.0.0.1:{port}")  # the decode peer's socket options
     ready.set()
     start = time.process_time()  # this process's CPU, its ZeroMQ I/O thread included
     for i in range(requests):
@@ -95,6 +98,7 @@ def receiver_main(case: str, port: int, requests: int, ready: mp.Event, cpu: Syn
 def raw_receiver_main(
     case: str, into_pool: bool, port: int, back_port: int, requests: int, ready: mp.Event, cpu: Synchronized
 ) -> None:
+    keep_frame_memory()  # the same allocator settings as dcpd's receiver
     layers = CASES[case][0]
     views = SlabViews(make_cache(case, TOKENS // BLOCK + 1)) if into_pool else None
     ctx = zmq.Context()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 import tempfile
 import threading
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 import zmq
 
-from dcpd.disagg.transfer import KVChunkHeader, KVReceiver, KVSender, _as_bytes, checksum
+from dcpd.disagg.transfer import KVChunkHeader, KVReceiver, KVSender, _as_bytes, checksum, keep_frame_memory
 from dcpd.kv.cache import PagedKVCache
 
 
@@ -190,3 +193,41 @@ def test_the_kv_socket_refuses_a_frame_larger_than_any_slab_and_keeps_receiving(
         ack = receiver.serve_once(router, timeout_ms=10000)
     assert ack is not None and ack.ok, ack
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
+
+
+_FRAME_CHURN = """
+import ctypes, resource, sys
+from dcpd.disagg.transfer import keep_frame_memory
+if sys.argv[1] == "keep":
+    assert keep_frame_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 512 * 1024  # a slab frame
+def burst():  # what libzmq's I/O thread does: a few frames alive at once, then all freed
+    frames = [libc.malloc(size) for _ in range(8)]
+    for frame in frames:
+        ctypes.memset(frame, 1, size)
+    for frame in frames:
+        libc.free(frame)
+burst()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    burst()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+def test_keep_frame_memory_stops_page_faults_on_reused_frame_memory() -> None:
+    """In a child process (the setting is process-wide): 20 bursts of eight 512 KiB frames fault their
+    pages in again each time under glibc's defaults, and reuse them once frame memory is kept."""
+    if platform.libc_ver()[0] != "glibc":
+        assert not keep_frame_memory()  # the setting only exists for glibc, and says so
+        return
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _FRAME_CHURN, mode], capture_output=True, text=True, check=True)
+        faults[mode] = int(out.stdout)
+    pages = 20 * 8 * 512 * 1024 // 4096
+    assert faults["default"] > pages // 2, faults  # most pages faulted in again
+    assert faults["keep"] < pages // 50, faults

@@ -23,7 +23,7 @@ from dcpd.config import Config
 from dcpd.disagg import messages as m
 from dcpd.disagg.ingest import KVIngest, bind_kv_socket
 from dcpd.disagg.peer import PeerService
-from dcpd.disagg.transfer import KVAck
+from dcpd.disagg.transfer import KVAck, keep_frame_memory
 from dcpd.engine import RequestError, RequestOutput, SamplingParams
 from dcpd.kv.block_pool import KVCacheExhausted
 from dcpd.model.loader import LoadedModel
@@ -60,6 +60,7 @@ class DecodePeer(PeerService):
 
     def open(self) -> None:
         super().open()
+        log.debug("allocator set to keep received frames' memory", applied=keep_frame_memory())
         sock = bind_kv_socket(self.kv_context, self.engine.kv_cache, self.config.disagg.kv_endpoint)
         self.ingest = KVIngest(
             self.engine.kv_cache, sock, on_done=self._from_thread(self._on_kv),
