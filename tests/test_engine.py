@@ -105,6 +105,8 @@ def test_stop_tokens_and_eos() -> None:
         ([1], SamplingParams(temperature=-1.0), "temperature=-1.0"),
         ([1], SamplingParams(top_p=0.0), "top_p=0.0"),
         ([1], SamplingParams(top_k=-2), "top_k=-2"),
+        ([1], SamplingParams(seed=2**64), r"seed=18446744073709551616: must be an integer in \[0, 2\*\*64\)"),
+        ([1], SamplingParams(seed=-1), "seed=-1"),
     ],
 )
 def test_bad_requests_are_rejected_and_queue_nothing(prompt_ids, params, message) -> None:
@@ -112,6 +114,18 @@ def test_bad_requests_are_rejected_and_queue_nothing(prompt_ids, params, message
     with pytest.raises(RequestError, match=message):
         eng.add_request(prompt_ids, params)
     assert not eng.has_unfinished() and not eng.requests
+
+
+def test_a_top_k_beyond_the_vocabulary_means_no_top_k_and_fails_nothing() -> None:
+    """A huge top_k (any integer a client can send) filters nothing; it must not fail the step, which
+    would fail every request batched with it."""
+    p = prompt(12)
+    seeded = {"max_tokens": 6, "temperature": 0.8, "seed": 7, "ignore_eos": True}
+    want = engine().generate([p], SamplingParams(**seeded))[0].token_ids
+    eng = engine()
+    results = eng.generate([p, p], [SamplingParams(**seeded, top_k=2**63), SamplingParams(**seeded)])
+    assert [r.finish_reason for r in results] == ["length", "length"]
+    assert results[0].token_ids == results[1].token_ids == want
 
 
 def test_duplicate_ids_and_requests_larger_than_the_cache() -> None:

@@ -232,6 +232,9 @@ class Router(Frontend):
     def _register(self, identity: bytes, message: m.Register) -> None:
         name = identity.decode(errors="replace")
         try:
+            if message.name != name:
+                raise PeerMismatch(f"{message.role} peer registers as {message.name!r} but its socket's "
+                                   f"routing id is {name!r}: set ROUTING_ID to the peer name")  # fmt: skip
             check_compatible(self.layout, message.layout, peer=f"{message.role} peer {name}")
             if message.role == "decode" and not message.kv_endpoint:
                 raise PeerMismatch(f"decode peer {name} gave no kv_endpoint")
@@ -380,15 +383,36 @@ class Router(Frontend):
         if message.finished and message.reason == "error" and not message.token_ids and not request.token_ids:
             self._attempt_failed(route, f"decode peer {peer.name}: {message.error}", "decode_failed", peer.name)
             return
+        if problem := self._bad_output(message):
+            why = f"decode peer {peer.name} sent {problem}"
+            log.error("bad output from a peer", key=route.key, peer=peer.name, error=problem)
+            self._attempt_failed(route, why, "decode_failed", peer.name)
+            return
         stall = self.config.disagg.decode_stall_timeout_s
         if route.stage is not Stage.DECODING:
             self._advance(route, Stage.DECODING, stall)
+            # The decode peer has the whole KV: the request no longer depends on its prefill peer, whose
+            # PrefillDone may still be on its way or lost with it (a dropped prefill peer must not end it).
+            prefill = self.peers.get(route.prefill) if route.prefill else None
+            if prefill is not None:
+                prefill.keys.discard(route.key)
+            route.prefill = None
         else:
             route.deadline = time.monotonic() + stall  # every output restarts the stall clock
         if message.finished:
             self._forget(route)
             self.metrics.stage_seconds.labels(Stage.DECODING.value).observe(time.monotonic() - route.since)
         self.deliver(request.key, message.token_ids, message.finished, message.reason, message.error)
+
+    def _bad_output(self, message: m.Output) -> str | None:
+        """What is wrong with a peer's Output (peers are checked like clients), or None."""
+        vocab = self.model_config.vocab_size
+        for token in message.token_ids:
+            if not 0 <= token < vocab:
+                return f"token id {token}, outside the vocabulary (0..{vocab - 1})"
+        if message.finished and message.reason not in p.FINISH_REASONS:
+            return f"finish reason {message.reason!r} (expected one of {', '.join(p.FINISH_REASONS)})"
+        return None
 
     # -- endings -------------------------------------------------------------------------------------
     def _cancel_on_peers(self, route: Route) -> None:

@@ -35,6 +35,8 @@ class SamplingParams:
             raise RequestError(f"top_k={self.top_k!r}: must be an integer >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise RequestError(f"seed={self.seed!r}: must be an integer in [0, 2**64)")
 
     @property
     def greedy(self) -> bool:

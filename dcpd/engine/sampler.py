@@ -30,7 +30,7 @@ class Sampler:
         probs = torch.softmax(logits[rows] / temps[:, None], dim=-1)
         sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+        top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])  # >= vocab: off
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         ranks = torch.arange(vocab)[None, :]
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens

@@ -7,7 +7,7 @@ is a msgpack map with a "type" tag and the protocol version "v".
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -67,9 +67,13 @@ class Usage(msgspec.Struct, kw_only=True):
     total_ms: float
 
 
+FinishReason = Literal["stop", "length", "abort", "error"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+
+
 class Finished(_Message, tag="finished"):
     request_id: str
-    finish_reason: Literal["stop", "length", "abort", "error"]
+    finish_reason: FinishReason
     prompt_ids: list[int]  # the prompt as the model saw it (tokenized, for text prompts)
     token_ids: list[int]  # every generated token
     text: str

@@ -1,0 +1,162 @@
+"""A real router process driven by scripted peers speaking the control protocol over real sockets:
+for event orders that real peers produce only in narrow races (a prefill peer lost between its last
+KV chunk and its PrefillDone, a peer sending out-of-range tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import zmq
+
+from dcpd.client import AsyncClient, ServerError
+from dcpd.config import Config
+from dcpd.disagg import messages as m
+from dcpd.disagg.layout import PeerLayout
+from dcpd.model.default import default_config
+from tests.disagg_harness import Fleet
+
+LAYOUT = PeerLayout.expected(default_config(), block_size=Config().engine.block_size, dtype=Config().model.dtype)
+IDLE = m.PeerLoad(waiting=0, running=0, kv_blocks_free=1000, kv_blocks_total=1000, kv_blocks_reserve=0)
+
+
+class ScriptedPeer:
+    """A DEALER registered with the router; a thread sends heartbeats until `stop_heartbeats()`. The
+    test reads what the router sends with `expect()` and answers with `send()`."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, role: str, kv_endpoint: str | None) -> None:
+        self.name = name
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, name.encode())  # the router names peers by it
+        self.sock.connect(endpoint)
+        self.lock = threading.Lock()
+        self.beating = True
+        self.inbox: list[m._Control] = []
+        self.send(m.Register(name=name, role=role, layout=LAYOUT, kv_endpoint=kv_endpoint, load=IDLE, pid=1))
+        assert isinstance(self.expect(m.Registered), m.Registered)
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def send(self, message: m._Control) -> None:
+        with self.lock:
+            self.sock.send(m.encode(message))
+
+    def _beat(self) -> None:
+        while self.beating:
+            self.send(m.Heartbeat(load=IDLE))
+            time.sleep(0.1)
+
+    def stop_heartbeats(self) -> None:
+        self.beating = False
+        self.thread.join()
+
+    def expect(self, kind: type, timeout: float = 10.0):
+        """The next message of this type from the router (heartbeat acks are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.inbox:
+                if isinstance(message, kind):
+                    self.inbox.remove(message)
+                    return message
+            with self.lock:
+                if self.sock.poll(10):
+                    message = m.decode_router(self.sock.recv())
+                    if not isinstance(message, m.HeartbeatAck):
+                        self.inbox.append(message)
+            time.sleep(0.001)
+        raise TimeoutError(f"{self.name}: no {kind.__name__} from the router; got {self.inbox}")
+
+    def close(self) -> None:
+        self.beating = False
+        self.thread.join()
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def scripted():
+    fleet = Fleet()
+    ctx = zmq.Context()
+    peers: list[ScriptedPeer] = []
+    try:
+        yield fleet, lambda *args: peers.append(ScriptedPeer(ctx, fleet.router_endpoint, *args)) or peers[-1]
+    finally:
+        for peer in peers:
+            peer.close()
+        ctx.term()
+        assert fleet.stop()["router"] == 0
+
+
+def test_a_prefill_peer_lost_after_decoding_began_does_not_end_the_request(scripted) -> None:
+    """The decode peer has the KV and streams tokens; the prefill peer dies before its PrefillDone
+    reaches the router (or the router drops it for missed heartbeats). The request is not the prefill
+    peer's any more: it finishes normally, and the decode peer is never told to cancel it."""
+    fleet, add = scripted
+    prefill = add("p", "prefill", None)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], max_tokens=3, temperature=0.0)
+            reserve = await asyncio.to_thread(decode.expect, m.Reserve)
+            decode.send(m.Reserved(key=reserve.key, ok=True))
+            await asyncio.to_thread(prefill.expect, m.Prefill)  # ... its KV reaches the decode peer, then:
+            decode.send(m.Output(key=reserve.key, token_ids=[70]))
+            await anext(aiter(stream))
+            prefill.stop_heartbeats()  # lost before its PrefillDone
+            await asyncio.sleep(2.5)  # peer_timeout_s = 1 s: the router drops it
+            decode.send(m.Output(key=reserve.key, token_ids=[71, 72], finished=True, reason="length"))
+            rest = await stream.collect()
+            return rest
+
+    rest = asyncio.run(scenario())
+    assert rest.finish_reason == "length" and rest.token_ids == [70, 71, 72], rest
+    assert "peer dropped" in fleet.router.log_text()
+    with pytest.raises(TimeoutError):
+        decode.expect(m.Cancel, timeout=0.5)
+
+
+def test_out_of_range_tokens_from_a_decode_peer_end_the_request_with_an_error(scripted) -> None:
+    """A peer is not trusted to send valid token ids: an id outside the vocabulary, or an unknown finish
+    reason, ends the request with a clear error instead of breaking detokenization."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv")
+    vocab = default_config().vocab_size
+
+    async def scenario(output: dict):
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], max_tokens=3, temperature=0.0)
+            reserve = await asyncio.to_thread(decode.expect, m.Reserve)
+            decode.send(m.Reserved(key=reserve.key, ok=True))
+            decode.send(m.Output(key=reserve.key, token_ids=[70]))
+            decode.send(m.Output(key=reserve.key, **output))
+            with pytest.raises(ServerError) as info:
+                await stream.collect()
+            return info.value
+
+    cases = [
+        ({"token_ids": [vocab]}, f"token id {vocab}"),
+        ({"token_ids": [-1]}, "token id -1"),
+        ({"token_ids": [1], "finished": True, "reason": "bogus"}, "finish reason 'bogus'"),
+    ]
+    for output, named in cases:
+        error = asyncio.run(scenario(output))
+        assert error.code == "peer_failed" and named in str(error), error
+        decode.expect(m.Cancel)
+
+
+def test_a_peer_whose_name_is_not_its_routing_id_is_refused(scripted) -> None:
+    fleet, _ = scripted
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"other")
+        sock.connect(fleet.router_endpoint)
+        sock.send(m.encode(m.Register(name="d", role="decode", layout=LAYOUT, kv_endpoint="ipc:///tmp/k", load=IDLE,
+                                      pid=1)))  # fmt: skip
+        assert sock.poll(10000)
+        reply = m.decode_router(sock.recv())
+    assert isinstance(reply, m.Registered) and not reply.ok and reply.fatal
+    assert "registers as 'd' but its socket's routing id is 'other'" in reply.error
