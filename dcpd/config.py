@@ -114,6 +114,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     section[parts[1]] = _parse_value(value.strip())
 
 
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
+
+
+def unconnectable(endpoint: str) -> str | None:
+    """Why other processes could not connect to this endpoint, or None. A decode peer binds its
+    kv_endpoint and also gives it to prefill peers to connect to, so it must name a reachable host."""
+    if endpoint.startswith("ipc://"):
+        return None if len(endpoint) > len("ipc://") else "an ipc endpoint needs a path"
+    if not endpoint.startswith("tcp://"):
+        return "must start with tcp:// or ipc://"
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not sep or not port.isdigit():
+        return "a tcp endpoint needs host:port"
+    if host in WILDCARD_HOSTS:
+        return f"prefill peers connect to this address, so it needs a host they can reach, not {host or 'none'!r}"
+    return None
+
+
 def _check_values(config: Config) -> None:
     positive = {
         "server.max_inflight": config.server.max_inflight,
@@ -135,6 +153,8 @@ def _check_values(config: Config) -> None:
     for key, value in endpoints.items():
         if not value.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"{key} = {value!r}: must start with tcp:// or ipc://")
+    if problem := unconnectable(config.disagg.kv_endpoint):
+        raise ConfigError(f"disagg.kv_endpoint = {config.disagg.kv_endpoint!r}: {problem}")
     d = config.disagg
     for key in ("heartbeat_interval_s", "peer_timeout_s", "reserve_timeout_s", "prefill_timeout_s",
                 "decode_stall_timeout_s", "kv_timeout_s", "kv_lease_s", "queue_timeout_s"):  # fmt: skip

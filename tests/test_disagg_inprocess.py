@@ -138,3 +138,47 @@ def test_a_full_decode_peer_refuses_up_front() -> None:
         decode.add_prefilled_request("zzz", [1, 2], 3, GREEDY)
     decode.cancel_reservation("a")
     assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
+
+
+def test_prefill_only_requests_hold_their_blocks_from_admission_and_are_never_preempted() -> None:
+    """A prefill peer streams a request's KV out of its blocks while later chunks compute, so those
+    blocks must not change under it. Three 100-token prompts (7 blocks each) in 10 blocks, 32-token
+    chunks, each finished request's KV held for two more steps (its acknowledgment on the way):
+    chunk-by-chunk allocation preempted the second and third mid-prompt, handing blocks already
+    streamed from to another request. hold_kv requests take their whole prompt at admission instead
+    (the next waits for room), keep the same blocks to the end, and sample the same first tokens as
+    a roomy engine."""
+    from dcpd.batch import DCPPlanConfig
+    from dcpd.kv.cache import PagedKVCache
+
+    cfg = MODEL.config
+    block = PagedKVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    rng = random.Random(11)
+    long_prompts = [[rng.randrange(256) for _ in range(100)] for _ in range(3)]
+    want = [r.token_ids for r in LLMEngine(MODEL).generate(long_prompts, FIRST_TOKEN)]
+    prefill = LLMEngine(MODEL, DCPPlanConfig(kv_cache_bytes=10 * block, kv_reserve_fraction=0.1,
+                                             max_tokens_per_batch=32))  # fmt: skip
+    for i, p in enumerate(long_prompts):
+        prefill.add_request(p, FIRST_TOKEN, request_id=f"p{i}", hold_kv=True)
+    first_blocks: dict[str, list[int]] = {}
+    held_at: dict[str, int] = {}
+    for step in range(100):
+        if not (prefill.has_unfinished() or prefill.held_kv):
+            break
+        prefill.step()
+        assert not prefill.last_preempted
+        for rid, request in prefill.requests.items():
+            if request.block_ids:
+                assert first_blocks.setdefault(rid, list(request.block_ids)) == request.block_ids
+                assert len(request.block_ids) == 7  # the whole prompt, from its first chunk on
+        for rid in list(prefill.held_kv):
+            assert prefill.held_kv[rid] == first_blocks[rid]
+            if step - held_at.setdefault(rid, step) >= 2:  # acknowledged two steps later
+                prefill.release_held(rid)
+    assert [prefill.requests[f"p{i}"].output_token_ids for i in range(3)] == want
+    assert prefill.kv_cache.pool.num_free == prefill.kv_cache.num_blocks
+
+
+def test_a_hold_kv_request_is_prefill_only() -> None:
+    with pytest.raises(RequestError, match="hold_kv request is prefill-only: max_tokens must be 1, got 20"):
+        LLMEngine(MODEL).add_request([1, 2, 3], GREEDY, hold_kv=True)

@@ -160,3 +160,23 @@ def test_a_peer_whose_name_is_not_its_routing_id_is_refused(scripted) -> None:
         reply = m.decode_router(sock.recv())
     assert isinstance(reply, m.Registered) and not reply.ok and reply.fatal
     assert "registers as 'd' but its socket's routing id is 'other'" in reply.error
+
+
+def test_a_kv_endpoint_prefill_peers_cannot_connect_to_is_refused(scripted) -> None:
+    """A decode peer binds its kv_endpoint and advertises it: a wildcard host binds fine but no prefill
+    peer can connect to it. The config refuses it at load; the router refuses it at registration."""
+    from dcpd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"disagg.kv_endpoint = 'tcp://\*:5559': prefill peers connect to this"):
+        load_config(overrides=['disagg.kv_endpoint="tcp://*:5559"'])
+    fleet, _ = scripted
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"d")
+        sock.connect(fleet.router_endpoint)
+        sock.send(m.encode(m.Register(name="d", role="decode", layout=LAYOUT, kv_endpoint="tcp://0.0.0.0:5559",
+                                      load=IDLE, pid=1)))  # fmt: skip
+        assert sock.poll(10000)
+        reply = m.decode_router(sock.recv())
+    assert isinstance(reply, m.Registered) and not reply.ok and reply.fatal
+    assert "kv_endpoint 'tcp://0.0.0.0:5559': prefill peers connect to this address" in reply.error

@@ -171,9 +171,7 @@ class PrefillPeer(PeerService):
             job = self._step_jobs.get(s.request.request_id)
             if job is None or job.final_sent:
                 continue
-            request = s.request
-            if request.num_computed_tokens < job.sent_blocks * block_size:  # preempted, recomputing: resend
-                job.sent_blocks = 0
+            request = s.request  # hold_kv: its blocks are fixed from admission on, never preempted
             done = request.num_computed_tokens + s.num_new_tokens
             final = done >= request.num_prompt_tokens
             end = job.num_blocks if final else min(done // block_size, job.num_blocks)

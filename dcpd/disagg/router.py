@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 import zmq
 
-from dcpd.config import Config
+from dcpd.config import Config, unconnectable
 from dcpd.disagg import messages as m
 from dcpd.disagg.layout import PeerLayout, PeerMismatch, check_compatible
 from dcpd.engine import RequestError, SamplingParams
@@ -236,8 +236,9 @@ class Router(Frontend):
                 raise PeerMismatch(f"{message.role} peer registers as {message.name!r} but its socket's "
                                    f"routing id is {name!r}: set ROUTING_ID to the peer name")  # fmt: skip
             check_compatible(self.layout, message.layout, peer=f"{message.role} peer {name}")
-            if message.role == "decode" and not message.kv_endpoint:
-                raise PeerMismatch(f"decode peer {name} gave no kv_endpoint")
+            if message.role == "decode":
+                if problem := unconnectable(message.kv_endpoint or ""):
+                    raise PeerMismatch(f"decode peer {name} kv_endpoint {message.kv_endpoint!r}: {problem}")
         except PeerMismatch as exc:
             log.error("peer refused", peer=name, error=str(exc))
             self._reply_unregistered(identity, m.Registered(ok=False, error=str(exc), fatal=True))

@@ -94,12 +94,16 @@ class LLMEngine:
     ) -> str:
         """Queue a request; raises RequestError (and queues nothing) for invalid input.
 
-        `hold_kv` (a prefill peer): when the request finishes normally its KV blocks stay
-        allocated, listed in `held_kv`, until `release_held()` (after the transfer is acknowledged).
+        `hold_kv` (a prefill peer): a prefill-only request (`max_tokens` 1). It takes every block
+        of its prompt when admitted and is never preempted, since its KV streams out of those
+        blocks while it runs; when it finishes normally the blocks stay allocated, listed in
+        `held_kv`, until `release_held()` (after the transfer is acknowledged).
         """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        if hold_kv and params.max_tokens != 1:
+            raise RequestError(f"a hold_kv request is prefill-only: max_tokens must be 1, got {params.max_tokens}")
         prompt = self.validate_request(prompt_token_ids, params)
         request = Request(request_id, prompt, params, hold_kv=hold_kv)
         self.requests[request_id] = request

@@ -87,7 +87,9 @@ class Scheduler:
             n = min(req.num_pending_tokens, budget)
             target = req.num_computed_tokens + n
             while not self.blocks.can_grow(req, target, use_reserve=True):
-                victim = self.running[-1]
+                # Newest first, but never a hold_kv request: its blocks are being streamed to a decode
+                # peer (it holds its whole prompt already, so `req` is never one and is a candidate).
+                victim = next(r for r in reversed(self.running) if not r.hold_kv)
                 self._preempt(victim, out)
                 preempted_now = True
                 if victim is req:
@@ -103,9 +105,12 @@ class Scheduler:
             req = self.waiting[0]
             n = min(req.num_pending_tokens, budget)
             target = req.num_computed_tokens + n
-            if not self.blocks.can_grow(req, target, use_reserve=False):
+            # A hold_kv (prefill-only) request takes its whole prompt now, the reserve included: it never
+            # grows later, so it never has to preempt anyone, nor be preempted, while its KV streams out.
+            need, reserve = (req.num_prompt_tokens, True) if req.hold_kv else (target, False)
+            if not self.blocks.can_grow(req, need, use_reserve=reserve):
                 break
-            self.blocks.grow(req, target, use_reserve=False)
+            self.blocks.grow(req, need, use_reserve=reserve)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
