@@ -136,6 +136,10 @@ def test_a_full_decode_peer_refuses_up_front() -> None:
         decode.reserve_blocks("a", 16)
     with pytest.raises(RequestError, match="no reserved blocks"):
         decode.add_prefilled_request("zzz", [1, 2], 3, GREEDY)
+    decode.reserve_blocks("c", 16)
+    with pytest.raises(RequestError, match=r"first token 258 is outside the vocabulary \[0, 258\)"):
+        decode.add_prefilled_request("c", [1, 2], 258, GREEDY)  # a bad token from a peer fails only its request
+    assert "c" not in decode.reserved and decode.kv_cache.pool.num_used == 8
     decode.cancel_reservation("a")
     assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
 

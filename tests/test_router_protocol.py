@@ -180,3 +180,42 @@ def test_a_kv_endpoint_prefill_peers_cannot_connect_to_is_refused(scripted) -> N
         reply = m.decode_router(sock.recv())
     assert isinstance(reply, m.Registered) and not reply.ok and reply.fatal
     assert "kv_endpoint 'tcp://0.0.0.0:5559': prefill peers connect to this address" in reply.error
+
+
+def test_a_transfer_the_decode_side_failed_is_retried_on_another_decode_peer(scripted) -> None:
+    """A PrefillDone that says the decode side failed (refused the KV, unreachable) makes the router
+    retry on another decode peer; the prefill peer is not blamed, and gets the retry."""
+    fleet, add = scripted
+    prefill = add("p", "prefill", None)
+    decodes = [add("d1", "decode", "ipc:///tmp/kv-d1"), add("d2", "decode", "ipc:///tmp/kv-d2")]
+
+    def reserve_on_either() -> tuple[ScriptedPeer, m.Reserve]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for peer in decodes:
+                try:
+                    return peer, peer.expect(m.Reserve, timeout=0.05)
+                except TimeoutError:
+                    pass
+        raise TimeoutError("no Reserve")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], max_tokens=2, temperature=0.0)
+            first, reserve = await asyncio.to_thread(reserve_on_either)
+            first.send(m.Reserved(key=reserve.key, ok=True))
+            job = await asyncio.to_thread(prefill.expect, m.Prefill)
+            assert job.decode_peer == first.name
+            prefill.send(m.PrefillDone(key=job.key, ok=False, error="not taking KV", decode_side=True))
+            await asyncio.to_thread(first.expect, m.Cancel)
+            second, retry = await asyncio.to_thread(reserve_on_either)
+            second.send(m.Reserved(key=retry.key, ok=True))
+            job = await asyncio.to_thread(prefill.expect, m.Prefill)  # the same prefill peer, not blamed
+            prefill.send(m.PrefillDone(key=job.key, ok=True))
+            second.send(m.Output(key=retry.key, token_ids=[70, 71], finished=True, reason="length"))
+            return first, second, job, await stream.collect()
+
+    first, second, job, result = asyncio.run(scenario())
+    assert second is not first and job.decode_peer == second.name and job.kv_endpoint == f"ipc:///tmp/kv-{second.name}"
+    assert result.token_ids == [70, 71] and result.finish_reason == "length"
+    assert f"to decode peer {first.name}: not taking KV" in fleet.router.log_text()

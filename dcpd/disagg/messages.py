@@ -103,6 +103,9 @@ class PrefillDone(_Control, tag="prefill_done"):
     bytes: int = 0
     transfer_s: float = 0.0  # first chunk sent -> ack
     error: str | None = None
+    # A failure on the decode side: it refused the KV, never acknowledged it, or could not be reached
+    # (the router then retries on another decode peer, and may keep this prefill peer).
+    decode_side: bool = False
 
 
 class Output(_Control, tag="output"):

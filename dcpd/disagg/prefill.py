@@ -114,14 +114,14 @@ class PrefillPeer(PeerService):
 
         self.between_steps(add)
 
-    def _fail(self, key: str, error: str) -> None:
+    def _fail(self, key: str, error: str, *, decode_side: bool = False) -> None:
         if self.jobs.pop(key, None) is None:
             return
         self.metrics.transfer_failures.inc()
         log.warning("prefill failed", key=key, error=error)
         self.pusher.forget(key)
         self.between_steps(lambda: self._drop_request(key))
-        self._send(m.PrefillDone(key=key, ok=False, error=error))
+        self._send(m.PrefillDone(key=key, ok=False, error=error, decode_side=decode_side))
 
     def _drop_request(self, key: str) -> None:
         """Between steps: whatever the engine holds for `key` goes back to the pool."""
@@ -214,7 +214,8 @@ class PrefillPeer(PeerService):
         else:
             self.metrics.transfer_failures.inc()
             log.warning("transfer failed", key=key, error=ack.error)
-        self._send(m.PrefillDone(key=key, ok=ack.ok, bytes=nbytes, transfer_s=seconds, error=ack.error))
+        self._send(m.PrefillDone(key=key, ok=ack.ok, bytes=nbytes, transfer_s=seconds, error=ack.error,
+                                 decode_side=not ack.ok))  # refused, unreachable or gone: see KVPusher  # fmt: skip
 
     def housekeeping(self) -> None:
         lease = self.config.disagg.kv_lease_s
@@ -223,7 +224,7 @@ class PrefillPeer(PeerService):
             for key in self.engine.expire_held(lease):
                 log.warning("KV lease expired with no acknowledgment; blocks freed", key=key, lease_s=lease)
                 self.engine.forget(key)
-                self._fail(key, f"no KV acknowledgment within the {lease} s lease")
+                self._fail(key, f"no KV acknowledgment within the {lease} s lease", decode_side=True)
 
         if self.engine.held_kv:
             self.between_steps(expire)

@@ -368,6 +368,10 @@ class Router(Frontend):
         if not message.ok and route.stage is Stage.DECODING:  # the decode peer had the KV: only late news
             log.warning("prefill peer reported a failure after decoding began", key=route.key, error=message.error)
             return
+        if not message.ok and message.decode_side:  # the retry avoids the decode peer, not this one
+            why = f"KV transfer from prefill peer {peer.name} to decode peer {route.decode}: {message.error}"
+            self._attempt_failed(route, why, "transfer_failed", route.decode)
+            return
         if not message.ok:
             self._attempt_failed(route, f"prefill peer {peer.name}: {message.error}", "prefill_failed", peer.name)
             return

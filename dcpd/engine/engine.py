@@ -183,6 +183,9 @@ class LLMEngine:
             raise RequestError(f"request {request_id!r} has no reserved blocks")
         try:
             prompt = self.validate_request(prompt_token_ids, params)
+            vocab = self.loaded.config.vocab_size
+            if not isinstance(first_token, int) or not 0 <= first_token < vocab:
+                raise RequestError(f"first token {first_token!r} is outside the vocabulary [0, {vocab})")
         except RequestError:
             self.cancel_reservation(request_id)
             raise
