@@ -26,8 +26,11 @@ class ScriptedPeer:
     """A DEALER registered with the router; a thread sends heartbeats until `stop_heartbeats()`. The
     test reads what the router sends with `expect()` and answers with `send()`."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, role: str, kv_endpoint: str | None) -> None:
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, name: str, role: str, kv_endpoint: str | None, load: m.PeerLoad = IDLE
+    ) -> None:
         self.name = name
+        self.load = load
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, name.encode())  # the router names peers by it
@@ -35,7 +38,7 @@ class ScriptedPeer:
         self.lock = threading.Lock()
         self.beating = True
         self.inbox: list[m._Control] = []
-        self.send(m.Register(name=name, role=role, layout=LAYOUT, kv_endpoint=kv_endpoint, load=IDLE, pid=1))
+        self.send(m.Register(name=name, role=role, layout=LAYOUT, kv_endpoint=kv_endpoint, load=load, pid=1))
         assert isinstance(self.expect(m.Registered), m.Registered)
         self.thread = threading.Thread(target=self._beat, daemon=True)
         self.thread.start()
@@ -46,7 +49,7 @@ class ScriptedPeer:
 
     def _beat(self) -> None:
         while self.beating:
-            self.send(m.Heartbeat(load=IDLE))
+            self.send(m.Heartbeat(load=self.load))
             time.sleep(0.1)
 
     def stop_heartbeats(self) -> None:
@@ -219,3 +222,31 @@ def test_a_transfer_the_decode_side_failed_is_retried_on_another_decode_peer(scr
     assert second is not first and job.decode_peer == second.name and job.kv_endpoint == f"ipc:///tmp/kv-{second.name}"
     assert result.token_ids == [70, 71] and result.finish_reason == "length"
     assert f"to decode peer {first.name}: not taking KV" in fleet.router.log_text()
+
+
+def test_a_request_goes_to_a_decode_peer_whose_cache_can_hold_all_of_it(scripted) -> None:
+    """Decode peers of different sizes: a 2-block peer with more free room than a big but busy one is
+    not offered a request that will grow to 3 blocks (it would refuse it, ending the request)."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    small = add(
+        "small",
+        "decode",
+        "ipc:///tmp/kv-s",
+        m.PeerLoad(waiting=0, running=0, kv_blocks_free=2, kv_blocks_total=2, kv_blocks_reserve=0),
+    )
+    big = add(
+        "big",
+        "decode",
+        "ipc:///tmp/kv-b",
+        m.PeerLoad(waiting=0, running=9, kv_blocks_free=1, kv_blocks_total=1000, kv_blocks_reserve=0),
+    )
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            await client.generate(prompt_ids=[5, 6, 7], max_tokens=40, temperature=0.0)  # 43 tokens: 3 blocks
+            return await asyncio.to_thread(big.expect, m.Reserve)
+
+    assert asyncio.run(scenario()).prompt_ids == [5, 6, 7]
+    with pytest.raises(TimeoutError):
+        small.expect(m.Reserve, timeout=0.5)

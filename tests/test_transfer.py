@@ -231,3 +231,42 @@ def test_keep_frame_memory_stops_page_faults_on_reused_frame_memory() -> None:
     pages = 20 * 8 * 512 * 1024 // 4096
     assert faults["default"] > pages // 2, faults  # most pages faulted in again
     assert faults["keep"] < pages // 50, faults
+
+
+def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk() -> None:
+    """Cancel (forget) can reach the push thread before the step thread queues the request's first
+    chunk: that chunk and the rest are dropped, not sent to a decode peer that no longer expects them."""
+    import queue as queue_module
+
+    from dcpd.disagg.pusher import Chunk, KVPusher
+
+    src = filled_cache(layers=2)
+    dst = PagedKVCache(2, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        pusher = KVPusher(src, on_first_chunk=lambda key: events.put(("first", key)),
+                          on_done=lambda key, ack, nbytes, s: events.put(("done", key, ack.ok)),
+                          on_crash=lambda: events.put(("crash",)), send_timeout_s=5.0)  # fmt: skip
+        pusher.start()
+        try:
+            pusher.forget("gone")
+            for seq, layers in enumerate(((0, 1), (1, 2))):
+                pusher.push(Chunk("gone", f"ipc://{tmp}/kv", seq, [1, 2], 0, layers, last=seq == 1))
+            receiver.expect("kept", [3, 4])
+            for seq, layers in enumerate(((0, 1), (1, 2))):
+                pusher.push(Chunk("kept", f"ipc://{tmp}/kv", seq, [1, 2], 0, layers, last=seq == 1))
+            acks = []
+            while not acks:
+                acks = [a for a in [receiver.serve_once(router, timeout_ms=10000)] if a is not None]
+            assert events.get(timeout=10) == ("first", "kept")
+            assert events.get(timeout=10) == ("done", "kept", True)
+            assert acks[0].ok and acks[0].request_id == "kept"
+            assert router.poll(300) == 0  # nothing of "gone" ever arrived
+            assert events.empty()
+        finally:
+            pusher.stop()
+            router.close(linger=0)
+    assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))

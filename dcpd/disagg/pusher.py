@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from dcpd.disagg.transfer import KVAck, KVSender
 from dcpd.kv.cache import PagedKVCache
 
 log = structlog.get_logger("dcpd.pusher")
+
+FORGOTTEN_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class KVPusher:
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
         self.senders: dict[str, KVSender] = {}
         self.pending: dict[str, _Pending] = {}  # key -> transfer awaiting its ack
+        # Cancelled keys, newest last: a chunk the step thread queued after the cancel is not sent. Keys
+        # are unique per attempt, so only the last few thousand can still have chunks in flight.
+        self.forgotten: OrderedDict[str, None] = OrderedDict()
         self.dead_until: dict[str, float] = {}  # endpoint -> until when chunks for it fail at once
         self.thread = threading.Thread(target=self._run, name="dcpd-kv-push", daemon=True)
 
@@ -115,6 +121,9 @@ class KVPusher:
     def _command(self, what: str, arg: str) -> None:
         if what == "forget":
             self.pending.pop(arg, None)
+            self.forgotten[arg] = None
+            if len(self.forgotten) > FORGOTTEN_KEYS:
+                self.forgotten.popitem(last=False)
         elif what == "drop":
             sender = self.senders.pop(arg, None)
             if sender is not None:
@@ -130,6 +139,8 @@ class KVPusher:
         return sender
 
     def _send(self, chunk: Chunk) -> None:
+        if chunk.key in self.forgotten:  # cancelled before (or while) its first chunks were queued
+            return
         if chunk.seq == 0:
             self.pending[chunk.key] = _Pending(chunk.endpoint, time.monotonic())
             self.on_first_chunk(chunk.key)

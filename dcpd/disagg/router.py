@@ -303,7 +303,10 @@ class Router(Frontend):
 
     def _try_reserve(self, route: Route) -> bool:
         now = time.monotonic()
-        candidates = [(self._decode_room(peer), peer) for peer in self._live("decode") if peer.full_until <= now]
+        # Only peers whose whole cache can hold the request as it grows (a smaller one would refuse it).
+        whole = self._blocks_for(len(route.request.prompt_ids) + route.request.params.max_tokens)
+        candidates = [(self._decode_room(peer), peer) for peer in self._live("decode")
+                      if peer.full_until <= now and peer.load.kv_blocks_total >= whole]  # fmt: skip
         candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
         if not candidates:
             return False
