@@ -187,7 +187,8 @@ def test_a_kv_endpoint_prefill_peers_cannot_connect_to_is_refused(scripted) -> N
 
 def test_a_transfer_the_decode_side_failed_is_retried_on_another_decode_peer(scripted) -> None:
     """A PrefillDone that says the decode side failed (refused the KV, unreachable) makes the router
-    retry on another decode peer; the prefill peer is not blamed, and gets the retry."""
+    retry on another decode peer, and send new requests elsewhere for a while; the prefill peer is not
+    blamed, and gets the retry."""
     fleet, add = scripted
     prefill = add("p", "prefill", None)
     decodes = [add("d1", "decode", "ipc:///tmp/kv-d1"), add("d2", "decode", "ipc:///tmp/kv-d2")]
@@ -216,7 +217,13 @@ def test_a_transfer_the_decode_side_failed_is_retried_on_another_decode_peer(scr
             job = await asyncio.to_thread(prefill.expect, m.Prefill)  # the same prefill peer, not blamed
             prefill.send(m.PrefillDone(key=job.key, ok=True))
             second.send(m.Output(key=retry.key, token_ids=[70, 71], finished=True, reason="length"))
-            return first, second, job, await stream.collect()
+            result = await stream.collect()
+            # For peer_timeout_s, new requests avoid the decode peer too (an unreachable kv_endpoint
+            # would fail them all), though it has as much room as the other.
+            await client.generate(prompt_ids=[8, 9], max_tokens=2, temperature=0.0)
+            again, _ = await asyncio.to_thread(reserve_on_either)
+            assert again is second
+            return first, second, job, result
 
     first, second, job, result = asyncio.run(scenario())
     assert second is not first and job.decode_peer == second.name and job.kv_endpoint == f"ipc:///tmp/kv-{second.name}"

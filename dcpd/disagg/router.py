@@ -64,6 +64,9 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     keys: set[str] = field(default_factory=set)  # attempts this peer works on
     full_until: float = 0.0  # refused a reservation (full): skip it until its next heartbeat
+    # decode: a KV transfer to it failed on its side (unreachable, refused): new requests go elsewhere
+    # until then, unless no other decode peer has room
+    avoid_until: float = 0.0
 
 
 @dataclass
@@ -312,6 +315,8 @@ class Router(Frontend):
             return False
         fresh = [(room, peer) for room, peer in candidates if peer.name not in route.failed_peers]
         candidates = fresh or candidates
+        trusted = [(room, peer) for room, peer in candidates if peer.avoid_until <= now]
+        candidates = trusted or candidates
         _, peer = max(candidates, key=lambda c: (c[0], -len(c[1].keys)))
         route.decode = peer.name
         peer.keys.add(route.key)
@@ -373,6 +378,11 @@ class Router(Frontend):
             return
         if not message.ok and message.decode_side:  # the retry avoids the decode peer, not this one
             why = f"KV transfer from prefill peer {peer.name} to decode peer {route.decode}: {message.error}"
+            decode = self.peers.get(route.decode) if route.decode else None
+            if decode is not None:  # an unreachable kv_endpoint would fail every request sent to it
+                decode.avoid_until = time.monotonic() + self.config.disagg.peer_timeout_s
+                log.warning("decode peer avoided after a failed KV transfer", peer=decode.name,
+                            seconds=self.config.disagg.peer_timeout_s)  # fmt: skip
             self._attempt_failed(route, why, "transfer_failed", route.decode)
             return
         if not message.ok:
