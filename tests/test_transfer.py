@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import msgspec
 import pytest
@@ -249,10 +250,12 @@ def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk
         router.bind(f"ipc://{tmp}/kv")
         pusher = KVPusher(src, on_first_chunk=lambda key: events.put(("first", key)),
                           on_done=lambda key, ack, nbytes, s: events.put(("done", key, ack.ok)),
+                          on_released=lambda key: events.put(("released", key)),
                           on_crash=lambda: events.put(("crash",)), send_timeout_s=5.0)  # fmt: skip
         pusher.start()
         try:
             pusher.forget("gone")
+            assert events.get(timeout=10) == ("released", "gone")  # nothing of it was sent
             for seq, layers in enumerate(((0, 1), (1, 2))):
                 pusher.push(Chunk("gone", f"ipc://{tmp}/kv", seq, [1, 2], 0, layers, last=seq == 1))
             receiver.expect("kept", [3, 4])
@@ -270,3 +273,41 @@ def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk
             pusher.stop()
             router.close(linger=0)
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
+
+
+def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_them() -> None:
+    """Chunks go out zero-copy: ZeroMQ reads the blocks after `send` returns. A decode peer that takes
+    nothing leaves them queued, so after a cancel the pusher must not release the blocks at once; it
+    does when ZeroMQ lets go, or after the send timeout by closing that connection (dropping the
+    queue). A transfer with nothing queued is released at once."""
+    import queue as queue_module
+
+    from dcpd.disagg.pusher import Chunk, KVPusher
+
+    src = PagedKVCache(4, 64, 16, 2, 64)  # one layer of 64 blocks: 4 slabs of 256 KiB (zero-copy)
+    events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
+        stuck = ctx.socket(zmq.ROUTER)
+        stuck.setsockopt(zmq.RCVHWM, 1)  # takes one message, then nothing: the rest stays with the sender
+        stuck.bind(f"ipc://{tmp}/kv")
+        pusher = KVPusher(src, on_first_chunk=lambda key: None,
+                          on_done=lambda key, ack, nbytes, s: events.put(("done", key, ack.ok)),
+                          on_released=lambda key: events.put(("released", key, time.monotonic())),
+                          on_crash=lambda: events.put(("crash",)), send_timeout_s=1.0)  # fmt: skip
+        pusher.start()
+        try:
+            blocks = list(range(64))
+            for seq in range(8):
+                layers = (seq % 4, seq % 4 + 1)
+                pusher.push(Chunk("r", f"ipc://{tmp}/kv", seq, blocks, 0, layers, last=False))
+            time.sleep(0.3)  # sent into ZeroMQ's queue
+            cancelled = time.monotonic()
+            pusher.forget("r")
+            with pytest.raises(queue_module.Empty):
+                events.get(timeout=0.5)  # still queued: not released yet
+            _, key, released = events.get(timeout=10)
+            assert key == "r" and 0.9 < released - cancelled < 5
+            assert f"ipc://{tmp}/kv" not in pusher.senders  # the stuck connection was closed
+        finally:
+            pusher.stop()
+            stuck.close(linger=0)

@@ -6,13 +6,16 @@ thread, so the push overlaps the rest of the forward pass (and the next
 chunk's). When the prompt is done the first token is sampled, and the last
 chunk (the final step's last layer, carrying the first token) goes out.
 The request's blocks stay allocated (`hold_kv`) until the decode peer
-acknowledges, or until `kv_lease_s` passes with no acknowledgment.
+acknowledges, or until `kv_lease_s` passes with no acknowledgment; however a
+transfer ends, they are freed only once the pusher says ZeroMQ no longer reads
+them (`on_done`, `on_released`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +60,8 @@ class PrefillPeer(PeerService):
         self.jobs: dict[str, PrefillJob] = {}
         self.pusher: KVPusher | None = None
         self._step_jobs: dict[str, PrefillJob] = {}
+        self.expiring: set[str] = set()  # held KV past its lease, waiting for the pusher to let go
+        self.doomed: deque[set[str]] = deque()  # per drop_everything: what to free once the pusher let go
 
     def open(self) -> None:
         super().open()
@@ -64,6 +69,7 @@ class PrefillPeer(PeerService):
             self.engine.kv_cache,
             on_first_chunk=self._from_thread(self._on_first_chunk),
             on_done=self._from_thread(self._on_pushed),
+            on_released=self._from_thread(self._on_released),
             on_crash=self._from_thread(self.crashed),
             send_timeout_s=self.config.disagg.peer_timeout_s,
         )
@@ -84,8 +90,7 @@ class PrefillPeer(PeerService):
         elif isinstance(message, m.Cancel):
             if self.jobs.pop(message.key, None) is not None:
                 log.info("cancelled", key=message.key)
-                self.pusher.forget(message.key)
-                self.between_steps(lambda: self._drop_request(message.key))
+                self.pusher.forget(message.key)  # its blocks are freed on `_on_released`
         elif isinstance(message, m.DropPeer):
             log.info("decode peer gone; closing its KV connection", kv_endpoint=message.kv_endpoint)
             self.pusher.drop_peer(message.kv_endpoint)
@@ -119,8 +124,7 @@ class PrefillPeer(PeerService):
             return
         self.metrics.transfer_failures.inc()
         log.warning("prefill failed", key=key, error=error)
-        self.pusher.forget(key)
-        self.between_steps(lambda: self._drop_request(key))
+        self.pusher.forget(key)  # its blocks are freed on `_on_released`
         self._send(m.PrefillDone(key=key, ok=False, error=error, decode_side=decode_side))
 
     def _drop_request(self, key: str) -> None:
@@ -128,6 +132,16 @@ class PrefillPeer(PeerService):
         self.engine.abort_request(key)
         self.engine.release_held(key)
         self.engine.forget(key)
+        self.expiring.discard(key)
+
+    def _on_released(self, key: str | None) -> None:
+        """The pusher will read no more of these blocks: a forgotten request's, or (None) everything
+        the oldest unfinished drop_everything doomed."""
+        if key is not None:
+            self.between_steps(lambda: self._drop_request(key))
+            return
+        doomed = self.doomed.popleft()
+        self.between_steps(lambda: [self._drop_request(k) for k in doomed])
 
     # -- stepping and pushing ------------------------------------------------------------------------
     def make_step(self) -> Callable[[], list[RequestOutput]]:
@@ -201,7 +215,7 @@ class PrefillPeer(PeerService):
 
     def _on_pushed(self, key: str, ack: KVAck, nbytes: int, seconds: float) -> None:
         job = self.jobs.pop(key, None)
-        self.between_steps(lambda: self._drop_request(key))  # acknowledged or failed: our copy goes
+        self.between_steps(lambda: self._drop_request(key))  # acknowledged or failed, and released: our copy goes
         if job is None:
             return
         self.metrics.transfer_bytes.inc(nbytes)
@@ -221,10 +235,15 @@ class PrefillPeer(PeerService):
         lease = self.config.disagg.kv_lease_s
 
         def expire() -> None:
-            for key in self.engine.expire_held(lease):
+            for key in self.engine.held_past(lease):
+                if key in self.expiring:
+                    continue
                 log.warning("KV lease expired with no acknowledgment; blocks freed", key=key, lease_s=lease)
-                self.engine.forget(key)
-                self._fail(key, f"no KV acknowledgment within the {lease} s lease", decode_side=True)
+                if key in self.jobs:  # freed once the pusher lets go of its queued chunks
+                    self.expiring.add(key)
+                    self._fail(key, f"no KV acknowledgment within the {lease} s lease", decode_side=True)
+                else:  # nothing of it is in flight any more
+                    self._drop_request(key)
 
         if self.engine.held_kv:
             self.between_steps(expire)
@@ -232,17 +251,13 @@ class PrefillPeer(PeerService):
     def drop_everything(self, why: str, *, report: bool) -> None:
         if self.jobs:
             log.warning("dropping prefill requests", requests=len(self.jobs), why=why)
+        # Everything held now goes, once the pusher has closed its connections (discarding what they
+        # still had queued); what arrives after this call is not touched.
+        self.doomed.append(set(self.jobs) | set(self.engine.requests) | set(self.engine.held_kv))
         for key in list(self.jobs):
             if report:
                 self._fail(key, why)
             else:
                 self.pusher.forget(key)
         self.jobs.clear()
-
-        def drop_all() -> None:
-            for key in list(self.engine.requests):
-                self._drop_request(key)
-            for key in list(self.engine.held_kv):
-                self.engine.release_held(key)
-
-        self.between_steps(drop_all)
+        self.pusher.drop_all()

@@ -4,16 +4,25 @@ The step thread enqueues chunks (blocks whose KV is final); this thread owns one
 KVSender (a DEALER) per decode peer, computes checksums, sends zero-copy, and
 polls for acknowledgments. Results go back to the event loop through callbacks
 run with `loop.call_soon_threadsafe`, so the engine is only touched by the loop.
+
+Zero-copy means ZeroMQ reads the KV blocks after `send` returns, so a request's
+blocks may only be freed once ZeroMQ has let go of its last message. Every way a
+transfer ends goes through `_settle`: `on_done` (and `on_released` for a cancel)
+is called only when the request's last message is released (its MessageTracker),
+or, if a stuck decode peer never takes it within the send timeout, after the
+connection to that peer is closed, which discards what is queued for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import zmq
@@ -43,6 +52,20 @@ class _Pending:
     endpoint: str
     started: float
     bytes: int = 0
+    sender: KVSender | None = None  # the connection its latest message went out on
+    tracker: zmq.MessageTracker | None = None  # of that message: released => all of them are
+
+
+@dataclass
+class _Unsettled:
+    """A transfer that ended while ZeroMQ may still read its blocks; `then` runs once it cannot."""
+
+    key: str
+    endpoint: str
+    sender: KVSender
+    tracker: zmq.MessageTracker
+    deadline: float
+    then: Callable[[], None]
 
 
 class KVPusher:
@@ -52,15 +75,19 @@ class KVPusher:
         *,
         on_first_chunk: Callable[[str], None],
         on_done: Callable[[str, KVAck, int, float], None],
+        on_released: Callable[[str | None], None],
         on_crash: Callable[[], None],
         send_timeout_s: float,
     ) -> None:
-        """`on_first_chunk(key)`, `on_done(key, ack, bytes, seconds)` and `on_crash()` (the thread died
-        of a bug: the daemon must exit) are called in this thread."""
+        """Callbacks, called in this thread: `on_first_chunk(key)`; `on_done(key, ack, bytes, seconds)`
+        when a transfer ends (acknowledged or failed) and its blocks may be freed; `on_released(key)`
+        after `forget(key)`, and `on_released(None)` after `drop_all()`, once the blocks of what was
+        forgotten may be freed; `on_crash()`: the thread died of a bug (the daemon must exit)."""
         self.cache = cache
         self.on_crash = on_crash
         self.on_first_chunk = on_first_chunk
         self.on_done = on_done
+        self.on_released = on_released
         self.send_timeout_s = send_timeout_s
         self.context = zmq.Context()
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
@@ -70,6 +97,7 @@ class KVPusher:
         # are unique per attempt, so only the last few thousand can still have chunks in flight.
         self.forgotten: OrderedDict[str, None] = OrderedDict()
         self.dead_until: dict[str, float] = {}  # endpoint -> until when chunks for it fail at once
+        self.unsettled: list[_Unsettled] = []
         self.thread = threading.Thread(target=self._run, name="dcpd-kv-push", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------------
@@ -80,12 +108,17 @@ class KVPusher:
         self.queue.put(chunk)
 
     def forget(self, key: str) -> None:
-        """Stop waiting for this request's ack (it was cancelled); chunks already queued still go out."""
+        """The request was cancelled: send none of its chunks still queued here, stop waiting for its
+        ack; `on_released(key)` follows once ZeroMQ no longer reads its blocks."""
         self.queue.put(("forget", key))
 
     def drop_peer(self, endpoint: str) -> None:
         """Close the connection to a dead decode peer, discarding what is queued for it."""
         self.queue.put(("drop", endpoint))
+
+    def drop_all(self) -> None:
+        """Close every connection (discarding what is queued); then `on_released(None)`."""
+        self.queue.put(("drop_all", ""))
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -107,7 +140,7 @@ class KVPusher:
     def _loop(self) -> None:
         while True:
             try:
-                item = self.queue.get(timeout=0.002 if self.pending else 0.05)
+                item = self.queue.get(timeout=0.002 if self.pending or self.unsettled else 0.05)
             except queue.Empty:
                 item = ()
             if item is None:
@@ -117,19 +150,58 @@ class KVPusher:
             elif item:
                 self._command(*item)
             self._poll_acks()
+            self._check_unsettled()
 
     def _command(self, what: str, arg: str) -> None:
         if what == "forget":
-            self.pending.pop(arg, None)
             self.forgotten[arg] = None
             if len(self.forgotten) > FORGOTTEN_KEYS:
                 self.forgotten.popitem(last=False)
+            state = self.pending.pop(arg, None)
+            ending = next((u for u in self.unsettled if u.key == arg), None)
+            if state is None and ending is not None:  # its transfer ended, and ZeroMQ still holds some
+                self.unsettled.append(dataclasses.replace(ending, then=lambda: self.on_released(arg)))
+            else:
+                self._settle(arg, state, lambda: self.on_released(arg))
         elif what == "drop":
             sender = self.senders.pop(arg, None)
             if sender is not None:
                 sender.socket.close(linger=0)
             for key in [k for k, p in self.pending.items() if p.endpoint == arg]:
                 self._fail(key, f"decode peer at {arg} is gone")
+        elif what == "drop_all":
+            for endpoint in list(self.senders):
+                self._command("drop", endpoint)
+            self.on_released(None)
+
+    def _settle(self, key: str, state: _Pending | None, then: Callable[[], None]) -> None:
+        """Run `then` now if ZeroMQ no longer reads the request's blocks; else once it does not."""
+        if (state is None or state.sender is None or state.tracker is None or state.tracker.done
+                or self.senders.get(state.endpoint) is not state.sender):  # fmt: skip
+            then()  # nothing sent, all of it sent, or discarded with a closed connection
+            return
+        deadline = time.monotonic() + self.send_timeout_s
+        self.unsettled.append(_Unsettled(key, state.endpoint, state.sender, state.tracker, deadline, then))
+
+    def _check_unsettled(self) -> None:
+        if not self.unsettled:
+            return
+        now = time.monotonic()
+        waiting, self.unsettled = self.unsettled, []
+        for item in waiting:
+            if item.tracker.done or self.senders.get(item.endpoint) is not item.sender:  # sent, or discarded
+                item.then()
+            elif now > item.deadline:
+                log.warning(
+                    "a decode peer took none of an ended transfer's queued KV in time; closing the connection",
+                    key=item.key,
+                    endpoint=item.endpoint,
+                    timeout_s=self.send_timeout_s,
+                )
+                self._command("drop", item.endpoint)
+                item.then()
+            else:
+                self.unsettled.append(item)
 
     def _sender(self, endpoint: str) -> KVSender:
         sender = self.senders.get(endpoint)
@@ -151,10 +223,12 @@ class KVPusher:
             self._fail(chunk.key, f"decode peer at {chunk.endpoint} is not taking KV")
             return
         try:
-            state.bytes += self._sender(chunk.endpoint).send_chunk(
+            sender = self._sender(chunk.endpoint)
+            state.bytes += sender.send_chunk(
                 chunk.key, chunk.seq, chunk.block_ids, layers=chunk.layers,
                 block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
             )  # fmt: skip
+            state.sender, state.tracker = sender, sender.last_tracker
         except TimeoutError as exc:  # a dead or stuck decode peer: fail its transfers, start afresh
             self._fail(chunk.key, f"decode peer at {chunk.endpoint}: {exc}")
             self._command("drop", chunk.endpoint)
@@ -167,7 +241,7 @@ class KVPusher:
         state = self.pending.pop(key, None)
         if state is not None:
             ack = KVAck(request_id=key, ok=False, chunks=0, bytes=state.bytes, error=error)
-            self.on_done(key, ack, state.bytes, time.monotonic() - state.started)
+            self._settle(key, state, lambda: self.on_done(key, ack, state.bytes, time.monotonic() - state.started))
 
     def _poll_acks(self) -> None:
         for endpoint, sender in list(self.senders.items()):
@@ -183,4 +257,5 @@ class KVPusher:
                 if state is None:
                     log.debug("ack for a request no longer pending", key=ack.request_id, ok=ack.ok)
                     continue
-                self.on_done(ack.request_id, ack, state.bytes, time.monotonic() - state.started)
+                seconds = time.monotonic() - state.started  # a failed ack may come with chunks still queued
+                self._settle(ack.request_id, state, partial(self.on_done, ack.request_id, ack, state.bytes, seconds))

@@ -9,8 +9,9 @@ head_dim] in the cache's dtype (`PagedKVCache.gather` layout), sent as one frame
 per (layer, K/V, head) slab of n_blocks * block_size * head_dim elements. When
 the request's blocks are consecutive ids, each slab is a contiguous slice of the
 head-major cache and goes out with `copy=False` straight from the cache memory
-(the blocks are held until the receiver acknowledges, so ZeroMQ may read them
-until then). Otherwise the chunk is gathered into a reused staging buffer
+(the blocks are held until the receiver acknowledges and ZeroMQ has released the
+message: `last_tracker`, which KVPusher waits on before anything frees them).
+Otherwise the chunk is gathered into a reused staging buffer
 (pinned host memory when the cache is on a GPU), reused only once ZeroMQ has
 released it (MessageTracker). The receiver validates the header against the
 request's reservation first, then receives each slab frame straight into its
@@ -152,6 +153,7 @@ class KVSender:
         self._staging: list[tuple[torch.Tensor, zmq.MessageTracker | None]] = []
         self._next = 0
         self.bytes_sent = 0
+        self.last_tracker: zmq.MessageTracker | None = None  # released when ZeroMQ is done with the last chunk
 
     def close(self) -> None:
         self.socket.close(linger=0)  # drops what is queued, which releases the staging buffers
@@ -205,11 +207,11 @@ class KVSender:
             raise TimeoutError(f"the receiver took no KV for {self.timeout_s} s") from None
 
     def _send_frames(self, frames: list, slot: int | None, nbytes: int) -> int:
-        if slot is None:
-            self.socket.send_multipart(frames, copy=False)
-        else:
-            tracker = self.socket.send_multipart(frames, copy=False, track=True)
+        # Tracked: ZeroMQ reads the frames after this returns (the cache's blocks, or a staging buffer).
+        tracker = self.socket.send_multipart(frames, copy=False, track=True)
+        if slot is not None:
             self._staging[slot] = (self._staging[slot][0], tracker)
+        self.last_tracker = tracker
         self.bytes_sent += nbytes
         return nbytes
 

@@ -147,10 +147,14 @@ class LLMEngine:
         if blocks:
             self.kv_cache.pool.free(blocks)
 
+    def held_past(self, lease_s: float, now: float | None = None) -> list[str]:
+        """Ids of held KV whose transfer was not acknowledged within the lease."""
+        now = time.monotonic() if now is None else now
+        return [rid for rid, since in self.held_since.items() if now - since > lease_s]
+
     def expire_held(self, lease_s: float, now: float | None = None) -> list[str]:
         """Release held KV whose transfer was not acknowledged within the lease; returns their ids."""
-        now = time.monotonic() if now is None else now
-        expired = [rid for rid, since in self.held_since.items() if now - since > lease_s]
+        expired = self.held_past(lease_s, now)
         for rid in expired:
             self.release_held(rid)
         return expired
