@@ -157,12 +157,7 @@ class KVPusher:
             self.forgotten[arg] = None
             if len(self.forgotten) > FORGOTTEN_KEYS:
                 self.forgotten.popitem(last=False)
-            state = self.pending.pop(arg, None)
-            ending = next((u for u in self.unsettled if u.key == arg), None)
-            if state is None and ending is not None:  # its transfer ended, and ZeroMQ still holds some
-                self.unsettled.append(dataclasses.replace(ending, then=lambda: self.on_released(arg)))
-            else:
-                self._settle(arg, state, lambda: self.on_released(arg))
+            self._settle(arg, self.pending.pop(arg, None), lambda: self.on_released(arg))
         elif what == "drop":
             sender = self.senders.pop(arg, None)
             if sender is not None:
@@ -176,6 +171,11 @@ class KVPusher:
 
     def _settle(self, key: str, state: _Pending | None, then: Callable[[], None]) -> None:
         """Run `then` now if ZeroMQ no longer reads the request's blocks; else once it does not."""
+        if state is None:  # no transfer in flight, but one that already ended may still be settling
+            ending = next((u for u in self.unsettled if u.key == key), None)
+            if ending is not None:
+                self.unsettled.append(dataclasses.replace(ending, then=then))
+                return
         if (state is None or state.sender is None or state.tracker is None or state.tracker.done
                 or self.senders.get(state.endpoint) is not state.sender):  # fmt: skip
             then()  # nothing sent, all of it sent, or discarded with a closed connection
