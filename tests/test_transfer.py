@@ -311,3 +311,43 @@ def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_
         finally:
             pusher.stop()
             stuck.close(linger=0)
+
+
+def test_a_dead_decode_peer_does_not_hold_up_kv_bound_for_the_others() -> None:
+    """One push thread serves every decode peer. Chunks for a peer that cannot take them (here: nobody
+    listens) wait in that peer's backlog while chunks for a live peer go out; the dead peer's transfer
+    fails once its backlog made no progress for the send timeout."""
+    import queue as queue_module
+
+    from dcpd.disagg.pusher import Chunk, KVPusher
+
+    src = filled_cache(layers=2)
+    dst = PagedKVCache(2, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        pusher = KVPusher(src, on_first_chunk=lambda key: None,
+                          on_done=lambda key, ack, nbytes, s: events.put((key, ack.ok, ack.error)),
+                          on_released=lambda key: None, on_crash=lambda: events.put(("crash",)),
+                          send_timeout_s=3.0)  # fmt: skip
+        pusher.start()
+        try:
+            receiver.expect("live", [3, 4])
+            for key, endpoint in (("dead", f"ipc://{tmp}/nobody"), ("live", f"ipc://{tmp}/kv")):
+                for seq, layers in enumerate(((0, 1), (1, 2))):
+                    pusher.push(Chunk(key, endpoint, seq, [1, 2], 0, layers, last=seq == 1))
+            ack = None
+            while ack is None:
+                ack = receiver.serve_once(router, timeout_ms=10000)
+            assert ack.ok and ack.request_id == "live"
+            assert events.get(timeout=10) == ("live", True, None)  # before the dead peer's timeout
+            key, ok, error = events.get(timeout=10)
+            assert (key, ok) == ("dead", False)
+            assert f"decode peer at ipc://{tmp}/nobody: took no KV for 3.0 s" in error
+            assert f"ipc://{tmp}/nobody" not in pusher.senders and not pusher.backlog
+        finally:
+            pusher.stop()
+            router.close(linger=0)
+    assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))

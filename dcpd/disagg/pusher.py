@@ -11,6 +11,12 @@ transfer ends goes through `_settle`: `on_done` (and `on_released` for a cancel)
 is called only when the request's last message is released (its MessageTracker),
 or, if a stuck decode peer never takes it within the send timeout, after the
 connection to that peer is closed, which discards what is queued for it.
+
+A send never waits: a chunk for a decode peer that cannot take it now (not
+connected, at its high-water mark, or no free staging buffer) waits in that
+peer's backlog, so one dead or slow decode peer does not hold up the KV of
+requests bound for the others. A backlog that makes no progress for the send
+timeout fails its transfers and closes that connection.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -98,6 +104,8 @@ class KVPusher:
         self.forgotten: OrderedDict[str, None] = OrderedDict()
         self.dead_until: dict[str, float] = {}  # endpoint -> until when chunks for it fail at once
         self.unsettled: list[_Unsettled] = []
+        self.backlog: dict[str, deque[Chunk]] = {}  # endpoint -> chunks waiting, in order, for it to take more
+        self.stalled_since: dict[str, float] = {}  # endpoint -> when its backlog last made progress
         self.thread = threading.Thread(target=self._run, name="dcpd-kv-push", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------------
@@ -149,6 +157,7 @@ class KVPusher:
                 self._send(item)
             elif item:
                 self._command(*item)
+            self._flush_backlogs()
             self._poll_acks()
             self._check_unsettled()
 
@@ -162,6 +171,8 @@ class KVPusher:
             sender = self.senders.pop(arg, None)
             if sender is not None:
                 sender.socket.close(linger=0)
+            self.backlog.pop(arg, None)
+            self.stalled_since.pop(arg, None)
             for key in [k for k, p in self.pending.items() if p.endpoint == arg]:
                 self._fail(key, f"decode peer at {arg} is gone")
         elif what == "drop_all":
@@ -216,11 +227,44 @@ class KVPusher:
         if chunk.seq == 0:
             self.pending[chunk.key] = _Pending(chunk.endpoint, time.monotonic())
             self.on_first_chunk(chunk.key)
-        state = self.pending.get(chunk.key)
-        if state is None:  # forgotten (cancelled) or already failed
+        if chunk.key not in self.pending:  # forgotten (cancelled) or already failed
             return
         if self.dead_until.get(chunk.endpoint, 0.0) > time.monotonic():
             self._fail(chunk.key, f"decode peer at {chunk.endpoint} is not taking KV")
+            return
+        waiting = self.backlog.get(chunk.endpoint)
+        if waiting is None and self._sender(chunk.endpoint).can_send_now(chunk.block_ids):
+            self._transmit(chunk)
+            return
+        if waiting is None:
+            waiting = self.backlog[chunk.endpoint] = deque()
+            self.stalled_since[chunk.endpoint] = time.monotonic()
+        waiting.append(chunk)  # behind the chunks already waiting for this peer: order is kept
+
+    def _flush_backlogs(self) -> None:
+        """Send what each decode peer can take now; fail the transfers of one that took nothing for the
+        send timeout, and close its connection."""
+        now = time.monotonic()
+        for endpoint, waiting in list(self.backlog.items()):
+            sender = self._sender(endpoint)
+            while waiting and sender.can_send_now(waiting[0].block_ids):
+                self._transmit(waiting.popleft())
+                self.stalled_since[endpoint] = now
+                if endpoint not in self.backlog:  # that send failed and dropped the peer
+                    break
+            if not waiting:
+                self.backlog.pop(endpoint, None)
+                self.stalled_since.pop(endpoint, None)
+            elif now - self.stalled_since[endpoint] > self.send_timeout_s:
+                keys = dict.fromkeys(chunk.key for chunk in waiting)
+                for key in keys:
+                    self._fail(key, f"decode peer at {endpoint}: took no KV for {self.send_timeout_s} s")
+                self._command("drop", endpoint)
+                self.dead_until[endpoint] = now + self.send_timeout_s
+
+    def _transmit(self, chunk: Chunk) -> None:
+        state = self.pending.get(chunk.key)
+        if state is None or chunk.key in self.forgotten:  # cancelled or failed while it waited
             return
         try:
             sender = self._sender(chunk.endpoint)
@@ -229,7 +273,7 @@ class KVPusher:
                 block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
             )  # fmt: skip
             state.sender, state.tracker = sender, sender.last_tracker
-        except TimeoutError as exc:  # a dead or stuck decode peer: fail its transfers, start afresh
+        except TimeoutError as exc:  # the peer went away between the check and the send: fail, start afresh
             self._fail(chunk.key, f"decode peer at {chunk.endpoint}: {exc}")
             self._command("drop", chunk.endpoint)
             self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_s

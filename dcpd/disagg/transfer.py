@@ -158,6 +158,18 @@ class KVSender:
     def close(self) -> None:
         self.socket.close(linger=0)  # drops what is queued, which releases the staging buffers
 
+    def can_send_now(self, block_ids: list[int]) -> bool:
+        """Whether `send_chunk` for these blocks would go through without waiting: the connection is up
+        and under its high-water mark, and a chunk that must be staged has a free staging buffer."""
+        if not self.socket.get(zmq.EVENTS) & zmq.POLLOUT:
+            return False
+        if self._views is not None and consecutive(block_ids):
+            return True
+        if self._next == len(self._staging):
+            return True
+        tracker = self._staging[self._next][1]
+        return tracker is None or tracker.done
+
     def _stage(self, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
         """A staging buffer ZeroMQ no longer holds (round-robin over STAGING_BUFFERS), viewed as `shape`."""
         numel = 1
