@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +52,12 @@ class ClusterProcess:
         self.out = open(f"{self.tmp}/out", "w+")
         self.err = open(f"{self.tmp}/err", "w+")
         self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err)
-        self.ready = self._wait_ready(180)
+        self.final_log: str | None = None
+        try:
+            self.ready = self._wait_ready(180)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -66,6 +72,8 @@ class ClusterProcess:
         raise TimeoutError(f"cluster not ready in {timeout} s: {self.log()[-3000:]}")
 
     def log(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
         with open(self.err.name, errors="replace") as f:
             return f.read()
 
@@ -76,8 +84,10 @@ class ClusterProcess:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+            self.final_log = self.log()
             self.out.close()
             self.err.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def wait_pools_free(client: Client, timeout: float = 15.0) -> dict:
