@@ -247,25 +247,31 @@ class KVPusher:
         now = time.monotonic()
         for endpoint, waiting in list(self.backlog.items()):
             sender = self._sender(endpoint)
-            while waiting and sender.can_send_now(waiting[0].block_ids):
-                self._transmit(waiting.popleft())
-                self.stalled_since[endpoint] = now
-                if endpoint not in self.backlog:  # that send failed and dropped the peer
+            while waiting and endpoint in self.backlog:  # a failed send drops the peer and its backlog
+                if self._stale(waiting[0]):
+                    waiting.popleft()  # its request was cancelled or failed while the chunk waited
+                elif sender.can_send_now(waiting[0].block_ids):
+                    self.stalled_since[endpoint] = now
+                    self._transmit(waiting.popleft())
+                else:
                     break
+            if endpoint not in self.backlog:
+                continue
             if not waiting:
-                self.backlog.pop(endpoint, None)
-                self.stalled_since.pop(endpoint, None)
+                del self.backlog[endpoint], self.stalled_since[endpoint]
             elif now - self.stalled_since[endpoint] > self.send_timeout_s:
-                keys = dict.fromkeys(chunk.key for chunk in waiting)
-                for key in keys:
+                for key in dict.fromkeys(chunk.key for chunk in waiting):
                     self._fail(key, f"decode peer at {endpoint}: took no KV for {self.send_timeout_s} s")
                 self._command("drop", endpoint)
                 self.dead_until[endpoint] = now + self.send_timeout_s
 
+    def _stale(self, chunk: Chunk) -> bool:
+        return chunk.key not in self.pending or chunk.key in self.forgotten
+
     def _transmit(self, chunk: Chunk) -> None:
-        state = self.pending.get(chunk.key)
-        if state is None or chunk.key in self.forgotten:  # cancelled or failed while it waited
+        if self._stale(chunk):  # cancelled or failed while it waited
             return
+        state = self.pending[chunk.key]
         try:
             sender = self._sender(chunk.endpoint)
             state.bytes += sender.send_chunk(
