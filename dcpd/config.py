@@ -117,11 +117,19 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
 
 
+IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (Linux)
+
+
 def unconnectable(endpoint: str) -> str | None:
     """Why other processes could not connect to this endpoint, or None. A decode peer binds its
     kv_endpoint and also gives it to prefill peers to connect to, so it must name a reachable host."""
     if endpoint.startswith("ipc://"):
-        return None if len(endpoint) > len("ipc://") else "an ipc endpoint needs a path"
+        path = endpoint.removeprefix("ipc://")
+        if not path:
+            return "an ipc endpoint needs a path"
+        if (size := len(path.encode())) > IPC_PATH_MAX:
+            return f"an ipc path may have at most {IPC_PATH_MAX} bytes (the socket address limit); this has {size}"
+        return None
     if not endpoint.startswith("tcp://"):
         return "must start with tcp:// or ipc://"
     host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")

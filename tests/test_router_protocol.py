@@ -172,6 +172,8 @@ def test_a_kv_endpoint_prefill_peers_cannot_connect_to_is_refused(scripted) -> N
 
     with pytest.raises(ConfigError, match=r"disagg.kv_endpoint = 'tcp://\*:5559': prefill peers connect to this"):
         load_config(overrides=['disagg.kv_endpoint="tcp://*:5559"'])
+    with pytest.raises(ConfigError, match=r"an ipc path may have at most 107 bytes .*; this has 125"):
+        load_config(overrides=[f'disagg.kv_endpoint="ipc:///tmp/{"x" * 120}"'])
     fleet, _ = scripted
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
         sock.setsockopt(zmq.LINGER, 0)

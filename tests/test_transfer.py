@@ -275,11 +275,13 @@ def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
 
 
-def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_them() -> None:
+@pytest.mark.parametrize("small_last_chunk", [False, True])
+def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_them(small_last_chunk: bool) -> None:
     """Chunks go out zero-copy: ZeroMQ reads the blocks after `send` returns. A decode peer that takes
     nothing leaves them queued, so after a cancel the pusher must not release the blocks at once; it
     does when ZeroMQ lets go, or after the send timeout by closing that connection (dropping the
-    queue). A transfer with nothing queued is released at once."""
+    queue). A transfer with nothing queued is released at once. The latest chunk's slabs may be
+    small (a short last chunk): pyzmq must not copy them and report that message done at once."""
     import queue as queue_module
 
     from dcpd.disagg.pusher import Chunk, KVPusher
@@ -300,6 +302,8 @@ def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_
             for seq in range(8):
                 layers = (seq % 4, seq % 4 + 1)
                 pusher.push(Chunk("r", f"ipc://{tmp}/kv", seq, blocks, 0, layers, last=False))
+            if small_last_chunk:  # one block: 4 KiB slabs, under pyzmq's default copy threshold
+                pusher.push(Chunk("r", f"ipc://{tmp}/kv", 8, [0], 0, (0, 1), last=False))
             time.sleep(0.3)  # sent into ZeroMQ's queue
             cancelled = time.monotonic()
             pusher.forget("r")
@@ -356,3 +360,38 @@ def test_a_dead_decode_peer_does_not_hold_up_kv_bound_for_the_others() -> None:
             pusher.stop()
             router.close(linger=0)
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
+
+
+def test_a_decode_peer_endpoint_zeromq_cannot_connect_to_fails_its_transfer_not_the_pusher() -> None:
+    """An ipc path over the socket address limit cannot even be connected to: that transfer fails with
+    the reason, and the push thread goes on serving other decode peers."""
+    import queue as queue_module
+
+    from dcpd.disagg.pusher import Chunk, KVPusher
+
+    src = filled_cache(layers=2)
+    dst = PagedKVCache(2, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    bad = "ipc:///tmp/" + "x" * 120
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        pusher = KVPusher(src, on_first_chunk=lambda key: None,
+                          on_done=lambda key, ack, nbytes, s: events.put((key, ack.ok, ack.error)),
+                          on_released=lambda key: None, on_crash=lambda: events.put(("crash",)),
+                          send_timeout_s=5.0)  # fmt: skip
+        pusher.start()
+        try:
+            pusher.push(Chunk("bad", bad, 0, [1, 2], 0, (0, 2), last=True))
+            key, ok, error = events.get(timeout=10)
+            assert (key, ok) == ("bad", False) and f"cannot connect to the decode peer at {bad}" in error
+            receiver.expect("good", [3, 4])
+            pusher.push(Chunk("good", f"ipc://{tmp}/kv", 0, [1, 2], 0, (0, 2), last=True))
+            ack = receiver.serve_once(router, timeout_ms=10000)
+            assert ack is not None and ack.ok
+            assert events.get(timeout=10) == ("good", True, None)
+            assert pusher.thread.is_alive()
+        finally:
+            pusher.stop()
+            router.close(linger=0)

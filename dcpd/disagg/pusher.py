@@ -8,9 +8,10 @@ run with `loop.call_soon_threadsafe`, so the engine is only touched by the loop.
 Zero-copy means ZeroMQ reads the KV blocks after `send` returns, so a request's
 blocks may only be freed once ZeroMQ has let go of its last message. Every way a
 transfer ends goes through `_settle`: `on_done` (and `on_released` for a cancel)
-is called only when the request's last message is released (its MessageTracker),
-or, if a stuck decode peer never takes it within the send timeout, after the
-connection to that peer is closed, which discards what is queued for it.
+is called only when the request's last message is released (its MessageTracker).
+A stuck decode peer that takes none of it within the send timeout has its
+connection closed, which discards what is queued for it; the trackers then
+complete (libzmq closes asynchronously, within milliseconds).
 
 A send never waits: a chunk for a decode peer that cannot take it now (not
 connected, at its high-water mark, or no free staging buffer) waits in that
@@ -62,15 +63,26 @@ class _Pending:
     tracker: zmq.MessageTracker | None = None  # of that message: released => all of them are
 
 
+class _AllReleased:
+    """Done once every tracker in it is (what `drop_all` waits for)."""
+
+    def __init__(self, trackers: list[zmq.MessageTracker | _AllReleased]) -> None:
+        self.trackers = trackers
+
+    @property
+    def done(self) -> bool:
+        return all(tracker.done for tracker in self.trackers)
+
+
 @dataclass
 class _Unsettled:
     """A transfer that ended while ZeroMQ may still read its blocks; `then` runs once it cannot."""
 
-    key: str
+    key: str | None  # None: everything a drop_all closed
     endpoint: str
-    sender: KVSender
-    tracker: zmq.MessageTracker
-    deadline: float
+    sender: KVSender | None  # the connection it was queued on (None: drop_all)
+    tracker: zmq.MessageTracker | _AllReleased
+    deadline: float  # connected: when to close the stuck connection; closed: when to stop waiting
     then: Callable[[], None]
 
 
@@ -178,7 +190,10 @@ class KVPusher:
         elif what == "drop_all":
             for endpoint in list(self.senders):
                 self._command("drop", endpoint)
-            self.on_released(None)
+            # What was queued is being discarded (asynchronously): release once libzmq let go of it all.
+            everything = _AllReleased([item.tracker for item in self.unsettled])
+            deadline = time.monotonic() + self.send_timeout_s
+            self.unsettled.append(_Unsettled(None, "", None, everything, deadline, lambda: self.on_released(None)))
 
     def _settle(self, key: str, state: _Pending | None, then: Callable[[], None]) -> None:
         """Run `then` now if ZeroMQ no longer reads the request's blocks; else once it does not."""
@@ -187,9 +202,8 @@ class KVPusher:
             if ending is not None:
                 self.unsettled.append(dataclasses.replace(ending, then=then))
                 return
-        if (state is None or state.sender is None or state.tracker is None or state.tracker.done
-                or self.senders.get(state.endpoint) is not state.sender):  # fmt: skip
-            then()  # nothing sent, all of it sent, or discarded with a closed connection
+        if state is None or state.sender is None or state.tracker is None or state.tracker.done:
+            then()  # nothing sent, or all of it sent
             return
         deadline = time.monotonic() + self.send_timeout_s
         self.unsettled.append(_Unsettled(key, state.endpoint, state.sender, state.tracker, deadline, then))
@@ -200,19 +214,24 @@ class KVPusher:
         now = time.monotonic()
         waiting, self.unsettled = self.unsettled, []
         for item in waiting:
-            if item.tracker.done or self.senders.get(item.endpoint) is not item.sender:  # sent, or discarded
+            if item.tracker.done:  # sent, or discarded by a closed connection
                 item.then()
-            elif now > item.deadline:
+            elif now <= item.deadline:
+                self.unsettled.append(item)
+            elif item.sender is not None and self.senders.get(item.endpoint) is item.sender:
                 log.warning(
                     "a decode peer took none of an ended transfer's queued KV in time; closing the connection",
                     key=item.key,
                     endpoint=item.endpoint,
                     timeout_s=self.send_timeout_s,
                 )
-                self._command("drop", item.endpoint)
-                item.then()
-            else:
+                self._command("drop", item.endpoint)  # discards the queue: the tracker completes soon
+                item.deadline = now + self.send_timeout_s
                 self.unsettled.append(item)
+            else:  # closed long ago and libzmq still holds it: it can send nothing more from these blocks
+                log.error("ZeroMQ kept KV frames past closing their connection; releasing the blocks",
+                          key=item.key, endpoint=item.endpoint)  # fmt: skip
+                item.then()
 
     def _sender(self, endpoint: str) -> KVSender:
         sender = self.senders.get(endpoint)
@@ -232,29 +251,43 @@ class KVPusher:
         if self.dead_until.get(chunk.endpoint, 0.0) > time.monotonic():
             self._fail(chunk.key, f"decode peer at {chunk.endpoint} is not taking KV")
             return
-        waiting = self.backlog.get(chunk.endpoint)
-        if waiting is None and self._sender(chunk.endpoint).can_send_now(chunk.block_ids):
-            self._transmit(chunk)
+        try:
+            sender = self._sender(chunk.endpoint)
+        except zmq.ZMQError as exc:  # an endpoint ZeroMQ cannot connect to at all
+            self._fail(chunk.key, f"cannot connect to the decode peer at {chunk.endpoint}: {exc}")
+            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_s
             return
+        if chunk.endpoint in self.backlog or not sender.can_send_now(chunk.block_ids):
+            self._wait_in_backlog(chunk)
+        else:
+            self._transmit(chunk)  # it goes to the backlog itself if the peer cannot take it after all
+
+    def _wait_in_backlog(self, chunk: Chunk, *, first: bool = False) -> None:
+        """Queue the chunk behind those already waiting for its peer (`first`: back at the head)."""
+        waiting = self.backlog.get(chunk.endpoint)
         if waiting is None:
             waiting = self.backlog[chunk.endpoint] = deque()
             self.stalled_since[chunk.endpoint] = time.monotonic()
-        waiting.append(chunk)  # behind the chunks already waiting for this peer: order is kept
+        if first:
+            waiting.appendleft(chunk)
+        else:
+            waiting.append(chunk)
 
     def _flush_backlogs(self) -> None:
         """Send what each decode peer can take now; fail the transfers of one that took nothing for the
         send timeout, and close its connection."""
         now = time.monotonic()
         for endpoint, waiting in list(self.backlog.items()):
-            sender = self._sender(endpoint)
+            sender = self.senders[endpoint]  # a drop removes the backlog with the connection
             while waiting and endpoint in self.backlog:  # a failed send drops the peer and its backlog
                 if self._stale(waiting[0]):
                     waiting.popleft()  # its request was cancelled or failed while the chunk waited
-                elif sender.can_send_now(waiting[0].block_ids):
-                    self.stalled_since[endpoint] = now
-                    self._transmit(waiting.popleft())
-                else:
+                elif not sender.can_send_now(waiting[0].block_ids):
                     break
+                elif self._transmit(waiting.popleft()):
+                    self.stalled_since[endpoint] = now
+                else:
+                    break  # it would have waited after all: it is back at the head
             if endpoint not in self.backlog:
                 continue
             if not waiting:
@@ -268,24 +301,27 @@ class KVPusher:
     def _stale(self, chunk: Chunk) -> bool:
         return chunk.key not in self.pending or chunk.key in self.forgotten
 
-    def _transmit(self, chunk: Chunk) -> None:
+    def _transmit(self, chunk: Chunk) -> bool:
+        """Send without waiting. False if the peer cannot take it now after all (it went away since
+        `can_send_now`): nothing was sent, and the chunk is back at the head of its backlog."""
         if self._stale(chunk):  # cancelled or failed while it waited
-            return
+            return True
         state = self.pending[chunk.key]
+        sender = self.senders[chunk.endpoint]
         try:
-            sender = self._sender(chunk.endpoint)
             state.bytes += sender.send_chunk(
-                chunk.key, chunk.seq, chunk.block_ids, layers=chunk.layers,
-                block_offset=chunk.block_offset, last=chunk.last, first_token=chunk.first_token,
+                chunk.key, chunk.seq, chunk.block_ids, layers=chunk.layers, block_offset=chunk.block_offset,
+                last=chunk.last, first_token=chunk.first_token, wait=False,
             )  # fmt: skip
-            state.sender, state.tracker = sender, sender.last_tracker
-        except TimeoutError as exc:  # the peer went away between the check and the send: fail, start afresh
-            self._fail(chunk.key, f"decode peer at {chunk.endpoint}: {exc}")
-            self._command("drop", chunk.endpoint)
-            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_s
+        except zmq.Again:
+            self._wait_in_backlog(chunk, first=True)
+            return False
         except Exception as exc:
             log.exception("sending KV failed", key=chunk.key)
             self._fail(chunk.key, f"sending KV to {chunk.endpoint} failed: {exc!r}")
+            return True
+        state.sender, state.tracker = sender, sender.last_tracker
+        return True
 
     def _fail(self, key: str, error: str) -> None:
         state = self.pending.pop(key, None)

@@ -148,7 +148,14 @@ class KVSender:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection: a dead peer fails the send
-        self.socket.connect(endpoint)
+        # Every frame zero-copy, so the tracker of a message's last frame is real: pyzmq would copy a
+        # small one (a short last chunk's slabs) and hand back a tracker that is already done.
+        self.socket.copy_threshold = 0
+        try:
+            self.socket.connect(endpoint)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)
+            raise
         self._views = SlabViews(cache) if cache.device.type == "cpu" else None
         self._staging: list[tuple[torch.Tensor, zmq.MessageTracker | None]] = []
         self._next = 0
@@ -192,9 +199,10 @@ class KVSender:
 
     def send_chunk(
         self, request_id: str, seq: int, block_ids: list[int], *, layers: tuple[int, int], block_offset: int = 0,
-        last: bool, first_token: int | None = None,
+        last: bool, first_token: int | None = None, wait: bool = True,
     ) -> int:  # fmt: skip
-        """Send blocks `block_ids` of layers [start, end) as one chunk; returns the payload bytes."""
+        """Send blocks `block_ids` of layers [start, end) as one chunk; returns the payload bytes.
+        `wait=False`: raise zmq.Again (nothing sent) instead of waiting for the peer to take more."""
         cache = self.cache
         start, end = layers
         shape = (end - start, 2, cache.num_kv_heads, len(block_ids), cache.block_size, cache.head_dim)
@@ -214,13 +222,16 @@ class KVSender:
         )  # fmt: skip
         frames = [_header_encoder.encode(header), *slabs]
         try:
-            return self._send_frames(frames, slot, sum(slab.nbytes for slab in slabs))
+            return self._send_frames(frames, slot, sum(slab.nbytes for slab in slabs), 0 if wait else zmq.NOBLOCK)
         except zmq.Again:
+            if not wait:
+                raise
             raise TimeoutError(f"the receiver took no KV for {self.timeout_s} s") from None
 
-    def _send_frames(self, frames: list, slot: int | None, nbytes: int) -> int:
+    def _send_frames(self, frames: list, slot: int | None, nbytes: int, flags: int = 0) -> int:
         # Tracked: ZeroMQ reads the frames after this returns (the cache's blocks, or a staging buffer).
-        tracker = self.socket.send_multipart(frames, copy=False, track=True)
+        # A multipart message is queued whole or not at all, so Again means nothing was sent.
+        tracker = self.socket.send_multipart(frames, flags=flags, copy=False, track=True)
         if slot is not None:
             self._staging[slot] = (self._staging[slot][0], tracker)
         self.last_tracker = tracker
