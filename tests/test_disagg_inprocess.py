@@ -3,6 +3,7 @@ engine reserved, and decode continues token-identically to a unified run; every 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import tempfile
 
@@ -11,7 +12,7 @@ import torch
 import zmq
 
 from dcpd.disagg.transfer import KVReceiver, KVSender
-from dcpd.engine import LLMEngine, RequestError, SamplingParams
+from dcpd.engine import FinishReason, LLMEngine, RequestError, SamplingParams
 from dcpd.kv.block_pool import KVCacheExhausted
 from dcpd.model.default import build_default_model
 
@@ -186,3 +187,68 @@ def test_prefill_only_requests_hold_their_blocks_from_admission_and_are_never_pr
 def test_a_hold_kv_request_is_prefill_only() -> None:
     with pytest.raises(RequestError, match="hold_kv request is prefill-only: max_tokens must be 1, got 20"):
         LLMEngine(MODEL).add_request([1, 2, 3], GREEDY, hold_kv=True)
+
+
+def test_a_failed_step_keeps_a_hold_kv_requests_blocks_until_they_are_released() -> None:
+    """Its first layers' KV may already be streaming out of its blocks when a later layer fails the
+    step: the blocks stay held (not handed to the next request) until the owner releases them."""
+    engine = LLMEngine(MODEL)
+    engine.add_request(prompts()[4], FIRST_TOKEN, request_id="k", hold_kv=True)
+    streamed: list[list[int]] = []
+
+    def on_layer(scheduled, layer: int) -> None:
+        if layer == 0:
+            streamed.append(list(scheduled.scheduled[0].request.block_ids))  # as PrefillPeer pushes them
+        else:
+            raise RuntimeError("the device ran out of memory in layer 1")
+
+    [output] = engine.step(on_layer)
+    assert output.finish_reason == FinishReason.ERROR and "ran out of memory" in output.error
+    assert engine.held_kv["k"] == streamed[0]
+    assert all(engine.kv_cache.pool.refcount(b) == 1 for b in streamed[0])
+    engine.release_held("k")
+    assert engine.kv_cache.pool.num_used == 0
+
+
+def test_an_expired_lease_does_not_free_blocks_the_pusher_still_holds() -> None:
+    """A cancelled request's chunks may still be queued in ZeroMQ: its blocks are freed when the pusher
+    lets go of them (`_on_released`, delivered on the loop), and a lease running out meanwhile must not
+    free them first."""
+    asyncio.run(_lease_expires_while_the_pusher_holds_the_blocks())
+
+
+async def _lease_expires_while_the_pusher_holds_the_blocks() -> None:
+    from dcpd.config import load_config
+    from dcpd.disagg import messages as m
+    from dcpd.disagg.prefill import PrefillPeer
+    from dcpd.server.protocol import SamplingOptions
+
+    with tempfile.TemporaryDirectory(prefix="dpl", dir="/tmp") as tmp, zmq.Context() as ctx:
+        decode = ctx.socket(zmq.ROUTER)  # a decode peer that takes the KV and never acknowledges it
+        decode.bind(f"ipc://{tmp}/kv")
+        config = load_config(overrides=[f'disagg.router_endpoint="ipc://{tmp}/r"'])
+        peer = PrefillPeer(config, MODEL)
+        peer.open()
+        pool = peer.engine.kv_cache.pool
+        try:
+            peer.handle(m.Prefill(key="k", prompt_ids=prompts()[5], sampling=SamplingOptions(temperature=0.0),
+                                  decode_peer="d", kv_endpoint=f"ipc://{tmp}/kv"))  # fmt: skip
+            while "k" not in peer.engine.held_kv:
+                peer._apply_ops()
+                peer.after_step(peer.make_step()())
+            held = list(peer.engine.held_kv["k"])
+            peer.handle(m.Cancel(key="k"))  # the pusher's release can only reach us at the next await
+            peer.engine.held_since["k"] -= config.disagg.kv_lease_s + 1
+            peer.housekeeping()
+            peer._apply_ops()
+            assert peer.engine.held_kv.get("k") == held and pool.num_used == len(held)
+            for _ in range(200):  # now the loop runs the pusher's release
+                await asyncio.sleep(0.05)
+                peer._apply_ops()
+                if pool.num_used == 0:
+                    break
+            assert "k" not in peer.engine.held_kv and pool.num_used == 0 and not peer.releasing
+        finally:
+            peer.pusher.stop()
+            peer.close()
+            decode.close(linger=0)

@@ -60,7 +60,8 @@ class PrefillPeer(PeerService):
         self.jobs: dict[str, PrefillJob] = {}
         self.pusher: KVPusher | None = None
         self._step_jobs: dict[str, PrefillJob] = {}
-        self.expiring: set[str] = set()  # held KV past its lease, waiting for the pusher to let go
+        self.releasing: set[str] = set()  # forgotten (cancelled, failed, lease expired, dropped): their
+        # blocks are freed once the pusher lets go of them (`_on_released`, `_on_pushed`), never before
         self.doomed: deque[set[str]] = deque()  # per drop_everything: what to free once the pusher let go
 
     def open(self) -> None:
@@ -90,7 +91,7 @@ class PrefillPeer(PeerService):
         elif isinstance(message, m.Cancel):
             if self.jobs.pop(message.key, None) is not None:
                 log.info("cancelled", key=message.key)
-                self.pusher.forget(message.key)  # its blocks are freed on `_on_released`
+                self._forget(message.key)
         elif isinstance(message, m.DropPeer):
             log.info("decode peer gone; closing its KV connection", kv_endpoint=message.kv_endpoint)
             self.pusher.drop_peer(message.kv_endpoint)
@@ -124,15 +125,19 @@ class PrefillPeer(PeerService):
             return
         self.metrics.transfer_failures.inc()
         log.warning("prefill failed", key=key, error=error)
-        self.pusher.forget(key)  # its blocks are freed on `_on_released`
+        self._forget(key)
         self._send(m.PrefillDone(key=key, ok=False, error=error, decode_side=decode_side))
+
+    def _forget(self, key: str) -> None:
+        self.releasing.add(key)
+        self.pusher.forget(key)  # its blocks are freed on `_on_released`
 
     def _drop_request(self, key: str) -> None:
         """Between steps: whatever the engine holds for `key` goes back to the pool."""
         self.engine.abort_request(key)
         self.engine.release_held(key)
         self.engine.forget(key)
-        self.expiring.discard(key)
+        self.releasing.discard(key)
 
     def _on_released(self, key: str | None) -> None:
         """The pusher will read no more of these blocks: a forgotten request's, or (None) everything
@@ -171,7 +176,7 @@ class PrefillPeer(PeerService):
         for job, blocks, offset, final in plan:
             job.sent_blocks = offset + len(blocks)
             request = self.engine.requests.get(job.key)
-            if not final or request is None or job.key not in self.engine.held_kv:
+            if not final or request is None or request.finish_reason not in (FinishReason.LENGTH, FinishReason.STOP):
                 continue  # a chunk of the prompt; or the request failed (after_step reports it)
             layers = (num_layers - 1, num_layers)
             self._push(job, blocks, offset, layers, last=True, first_token=request.token_ids[-1])
@@ -236,13 +241,12 @@ class PrefillPeer(PeerService):
 
         def expire() -> None:
             for key in self.engine.held_past(lease):
-                if key in self.expiring:
+                if key in self.releasing:  # already on its way back to the pool
                     continue
                 log.warning("KV lease expired with no acknowledgment; blocks freed", key=key, lease_s=lease)
                 if key in self.jobs:  # freed once the pusher lets go of its queued chunks
-                    self.expiring.add(key)
                     self._fail(key, f"no KV acknowledgment within the {lease} s lease", decode_side=True)
-                else:  # nothing of it is in flight any more
+                else:  # the pusher never had it, or let go of it
                     self._drop_request(key)
 
         if self.engine.held_kv:
@@ -253,11 +257,13 @@ class PrefillPeer(PeerService):
             log.warning("dropping prefill requests", requests=len(self.jobs), why=why)
         # Everything held now goes, once the pusher has closed its connections (discarding what they
         # still had queued); what arrives after this call is not touched.
-        self.doomed.append(set(self.jobs) | set(self.engine.requests) | set(self.engine.held_kv))
+        doomed = set(self.jobs) | set(self.engine.requests) | set(self.engine.held_kv)
+        self.doomed.append(doomed)
+        self.releasing |= doomed
         for key in list(self.jobs):
             if report:
                 self._fail(key, why)
             else:
-                self.pusher.forget(key)
+                self._forget(key)
         self.jobs.clear()
         self.pusher.drop_all()

@@ -96,8 +96,9 @@ class LLMEngine:
 
         `hold_kv` (a prefill peer): a prefill-only request (`max_tokens` 1). It takes every block
         of its prompt when admitted and is never preempted, since its KV streams out of those
-        blocks while it runs; when it finishes normally the blocks stay allocated, listed in
-        `held_kv`, until `release_held()` (after the transfer is acknowledged).
+        blocks while it runs; when it finishes (normally, or by a failed step) the blocks stay
+        allocated, listed in `held_kv`, until `release_held()` (after the transfer is acknowledged,
+        or once nothing reads them any more); `abort_request` frees them at once.
         """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -214,7 +215,9 @@ class LLMEngine:
         return [RequestOutput(request_id, [], True, reason)]
 
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
-        keep = request.hold_kv and reason in (FinishReason.STOP, FinishReason.LENGTH)
+        # A hold_kv request's KV may be streaming out of its blocks: they stay held, even when its step
+        # failed, until the owner releases them (`release_held`). An abort is that owner's own call.
+        keep = request.hold_kv and reason != FinishReason.ABORT
         self.scheduler.remove(request, release=not keep)
         if keep:
             self.held_kv[request.request_id] = request.block_ids
