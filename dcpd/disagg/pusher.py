@@ -255,7 +255,7 @@ class KVPusher:
             sender = self._sender(chunk.endpoint)
         except zmq.ZMQError as exc:  # an endpoint ZeroMQ cannot connect to at all
             self._fail(chunk.key, f"cannot connect to the decode peer at {chunk.endpoint}: {exc}")
-            self.dead_until[chunk.endpoint] = time.monotonic() + self.send_timeout_s
+            self._mark_dead(chunk.endpoint)
             return
         if chunk.endpoint in self.backlog or not sender.can_send_now(chunk.block_ids):
             self._wait_in_backlog(chunk)
@@ -296,7 +296,13 @@ class KVPusher:
                 for key in dict.fromkeys(chunk.key for chunk in waiting):
                     self._fail(key, f"decode peer at {endpoint}: took no KV for {self.send_timeout_s} s")
                 self._command("drop", endpoint)
-                self.dead_until[endpoint] = now + self.send_timeout_s
+                self._mark_dead(endpoint)
+
+    def _mark_dead(self, endpoint: str) -> None:
+        """Fail chunks for this peer at once for the next send timeout (and forget expired marks)."""
+        now = time.monotonic()
+        self.dead_until = {e: until for e, until in self.dead_until.items() if until > now}
+        self.dead_until[endpoint] = now + self.send_timeout_s
 
     def _stale(self, chunk: Chunk) -> bool:
         return chunk.key not in self.pending or chunk.key in self.forgotten
