@@ -259,3 +259,32 @@ def test_a_request_goes_to_a_decode_peer_whose_cache_can_hold_all_of_it(scripted
     assert asyncio.run(scenario()).prompt_ids == [5, 6, 7]
     with pytest.raises(TimeoutError):
         small.expect(m.Reserve, timeout=0.5)
+
+
+def test_a_reused_request_id_gets_a_new_attempt_key_and_late_messages_of_the_old_one_are_ignored(scripted) -> None:
+    """A client may send a new request with the id of one it aborted while its peers still hold the old
+    attempt (a queued cancel, a forgotten key). The new attempt must not share the old one's key, and
+    the old attempt's late messages must not reach the new request."""
+    fleet, add = scripted
+    prefill = add("p", "prefill", None)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            first = await client.generate(prompt_ids=[5, 6, 7], max_tokens=2, temperature=0.0, request_id="x")
+            old = await asyncio.to_thread(decode.expect, m.Reserve)
+            decode.send(m.Reserved(key=old.key, ok=True))
+            await asyncio.to_thread(prefill.expect, m.Prefill)
+            await first.abort()
+            await asyncio.to_thread(decode.expect, m.Cancel)
+            second = await client.generate(prompt_ids=[5, 6, 7], max_tokens=2, temperature=0.0, request_id="x")
+            new = await asyncio.to_thread(decode.expect, m.Reserve)
+            decode.send(m.Output(key=old.key, token_ids=[99], finished=True, reason="length"))  # late, old attempt
+            decode.send(m.Reserved(key=new.key, ok=True))
+            await asyncio.to_thread(prefill.expect, m.Prefill)
+            decode.send(m.Output(key=new.key, token_ids=[70, 71], finished=True, reason="length"))
+            return old.key, new.key, await second.collect()
+
+    old_key, new_key, result = asyncio.run(scenario())
+    assert old_key != new_key
+    assert result.token_ids == [70, 71] and result.finish_reason == "length"

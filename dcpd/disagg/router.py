@@ -8,8 +8,9 @@ and asks it to reserve them; then it picks the least loaded prefill peer and
 sends it the prompt with the decode peer's KV endpoint. Tokens come from the
 decode peer and are relayed to the client.
 
-Failures: every attempt has a key of its own (`client key#attempt`), so late
-messages of a dead attempt are recognised and ignored. A peer that dies, a
+Failures: every attempt has a key of its own (`client key#attempt@boot.n`: unique
+for this router's life and across its restarts, even when a client reuses a
+request id), so late messages of a dead attempt are recognised and ignored. A peer that dies, a
 stage that times out, or a failed KV transfer ends the attempt: both its peers
 are told to cancel (freeing their blocks) and, if no token reached the client
 yet, the request starts again on a new pair (up to `max_attempts`); otherwise the
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import secrets
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -98,6 +101,10 @@ class Router(Frontend):
         self.by_client: dict[str, Route] = {}  # by client key
         self.queue: deque[Route] = deque()
         self.peer_socket: zmq.asyncio.Socket | None = None
+        # Attempt keys: a client may reuse a request id once the first request ended, while its peers
+        # still hold state under the old attempt's key; a restarted router must not meet its own keys.
+        self.boot = secrets.token_hex(4)
+        self.attempt_numbers = itertools.count(1)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -282,7 +289,7 @@ class Router(Frontend):
 
     def _start_attempt(self, route: Route) -> None:
         route.attempt += 1
-        route.key = f"{route.request.key}#{route.attempt}"
+        route.key = f"{route.request.key}#{route.attempt}@{self.boot}.{next(self.attempt_numbers)}"
         route.stage, route.since, route.deadline = Stage.WAITING_FOR_RESERVATION, time.monotonic(), float("inf")
         route.decode = route.prefill = None
         route.queued_since = 0.0
