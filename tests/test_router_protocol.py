@@ -288,3 +288,28 @@ def test_a_reused_request_id_gets_a_new_attempt_key_and_late_messages_of_the_old
     old_key, new_key, result = asyncio.run(scenario())
     assert old_key != new_key
     assert result.token_ids == [70, 71] and result.finish_reason == "length"
+
+
+def test_a_queued_request_ends_at_once_when_no_decode_peer_is_left(scripted) -> None:
+    """A request queued because the only decode peer is full must not wait out queue_timeout_s when
+    that peer dies: it is told `unavailable`, as a new request would be."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    full = m.PeerLoad(waiting=0, running=4, kv_blocks_free=0, kv_blocks_total=1000, kv_blocks_reserve=0)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv", full)
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], max_tokens=2, temperature=0.0)
+            await asyncio.sleep(0.5)  # queued: the decode peer has no free block
+            decode.stop_heartbeats()  # the router drops it after peer_timeout_s = 1 s
+            started = time.monotonic()
+            with pytest.raises(ServerError) as info:
+                await stream.collect()
+            return info.value, time.monotonic() - started
+
+    error, waited = asyncio.run(scenario())
+    assert error.code == "unavailable" and "no decode peer is registered" in error.message
+    assert waited < 10  # queue_timeout_s is 60 s
+    with pytest.raises(TimeoutError):
+        decode.expect(m.Reserve, timeout=0.2)

@@ -514,6 +514,9 @@ class Router(Frontend):
                 stuck = route.prefill if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING) else None
                 self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout",
                                      stuck or route.decode)  # fmt: skip
+        if self.queue and (missing := self._missing_roles()):  # what a new request would be told now
+            for route in list(self.queue):
+                self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
         while self.queue:
             route = self.queue[0]
             if not self._try_reserve(route):
