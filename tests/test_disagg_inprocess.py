@@ -252,3 +252,39 @@ async def _lease_expires_while_the_pusher_holds_the_blocks() -> None:
             peer.pusher.stop()
             peer.close()
             decode.close(linger=0)
+
+
+def test_a_decode_peer_dropping_everything_answers_the_reservations_it_had_queued() -> None:
+    """A failed step (or the drain deadline) makes the decode peer drop everything while the router is
+    still there: a Reserve queued for the next step boundary is voided, and must be refused at once
+    rather than leave the router waiting out reserve_timeout_s."""
+    asyncio.run(_drop_everything_with_a_queued_reserve())
+
+
+async def _drop_everything_with_a_queued_reserve() -> None:
+    from dcpd.config import load_config
+    from dcpd.disagg import messages as m
+    from dcpd.disagg.decode import DecodePeer
+    from dcpd.server.protocol import SamplingOptions
+
+    with tempfile.TemporaryDirectory(prefix="dpd", dir="/tmp") as tmp, zmq.Context() as ctx:
+        router = m.control_socket(ctx, zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/r")
+        config = load_config(
+            overrides=[f'disagg.router_endpoint="ipc://{tmp}/r"', f'disagg.kv_endpoint="ipc://{tmp}/kv"']
+        )
+        peer = DecodePeer(config, MODEL)
+        peer.open()
+        try:
+            peer.handle(m.Reserve(key="k", prompt_ids=[1, 2, 3], sampling=SamplingOptions(temperature=0.0)))
+            peer.drop_everything("the engine step failed", report=True)
+            assert router.poll(10000)
+            _, frame = router.recv_multipart()
+            reply = m.decode_peer(frame)
+            assert isinstance(reply, m.Reserved) and reply.key == "k" and not reply.ok and reply.code == "kv_full"
+            assert "the engine step failed" in reply.error
+            peer._apply_ops()  # the voided reservation takes no block
+            assert peer.engine.kv_cache.pool.num_used == 0 and not peer.engine.reserved
+        finally:
+            peer.close()
+            router.close(linger=0)

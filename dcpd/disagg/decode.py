@@ -200,7 +200,10 @@ class DecodePeer(PeerService):
     def drop_everything(self, why: str, *, report: bool) -> None:
         if self.awaiting or self.active:
             log.warning("dropping decode requests", awaiting=len(self.awaiting), active=len(self.active), why=why)
-        self.generation += 1
+        self.generation += 1  # voids the reservations still queued between steps
+        if report:  # the router is there and waits for an answer to each: a refusal sends them elsewhere
+            for key in self.queued_reserves - self.cancelled_early:
+                self._send(m.Reserved(key=key, ok=False, code="kv_full", error=f"the decode peer dropped it: {why}"))
         for key in list(self.awaiting):
             self._cancel(key, report=why if report else None)
         for key in list(self.active):
