@@ -27,7 +27,14 @@ class ScriptedPeer:
     test reads what the router sends with `expect()` and answers with `send()`."""
 
     def __init__(
-        self, ctx: zmq.Context, endpoint: str, name: str, role: str, kv_endpoint: str | None, load: m.PeerLoad = IDLE
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        name: str,
+        role: str,
+        kv_endpoint: str | None,
+        load: m.PeerLoad = IDLE,
+        boot: str = "",
     ) -> None:
         self.name = name
         self.load = load
@@ -38,7 +45,7 @@ class ScriptedPeer:
         self.lock = threading.Lock()
         self.beating = True
         self.inbox: list[m._Control] = []
-        self.send(m.Register(name=name, role=role, layout=LAYOUT, kv_endpoint=kv_endpoint, load=load, pid=1))
+        self.send(m.Register(name=name, role=role, layout=LAYOUT, kv_endpoint=kv_endpoint, load=load, pid=1, boot=boot))
         assert isinstance(self.expect(m.Registered), m.Registered)
         self.thread = threading.Thread(target=self._beat, daemon=True)
         self.thread.start()
@@ -313,3 +320,28 @@ def test_a_queued_request_ends_at_once_when_no_decode_peer_is_left(scripted) -> 
     assert waited < 10  # queue_timeout_s is 60 s
     with pytest.raises(TimeoutError):
         decode.expect(m.Reserve, timeout=0.2)
+
+
+def test_a_peer_restarted_with_the_same_pid_is_a_new_peer(scripted) -> None:
+    """In a container a peer runs as PID 1 every time: a restart that registers again within
+    peer_timeout_s must still count as a restart (its boot id differs), so the requests the old process
+    held are retried at once instead of waiting out their stage timeouts."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    old = add("d", "decode", "ipc:///tmp/unused-kv", IDLE, "boot-1")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], max_tokens=2, temperature=0.0)
+            first = await asyncio.to_thread(old.expect, m.Reserve)
+            old.close()  # the process dies; the new one (same name, same pid 1) registers at once
+            new = await asyncio.to_thread(add, "d", "decode", "ipc:///tmp/unused-kv", IDLE, "boot-2")
+            assert not any(isinstance(x, m.Reserve) for x in new.inbox)  # none before Registered: a peer ignores it
+            retried = await asyncio.to_thread(new.expect, m.Reserve, 5.0)  # reserve_timeout_s is longer
+            new.send(m.Reserved(key=retried.key, ok=True, code=None))
+            new.send(m.Output(key=retried.key, token_ids=[70, 71], finished=True, reason="length"))
+            return first.key, retried.key, await stream.collect()
+
+    first_key, retried_key, result = asyncio.run(scenario())
+    assert retried_key != first_key and result.token_ids == [70, 71]
+    assert "registered again (restarted)" in fleet.router.log_text()

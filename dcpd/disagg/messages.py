@@ -80,6 +80,7 @@ class Register(_Control, tag="register"):
     load: PeerLoad
     pid: int
     epoch: int = 0  # +1 each time the peer dropped everything to register again (a fresh start)
+    boot: str = ""  # random per process start: a restarted peer with the old pid (PID 1 in a container) is new
 
 
 class Heartbeat(_Control, tag="heartbeat"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -51,6 +52,7 @@ class PeerService(Service):
         self.control: zmq.asyncio.Socket | None = None
         self.registered = False
         self.epoch = 0
+        self.boot = secrets.token_hex(8)
         self.last_heard = time.monotonic()
         self.ops: list[Callable[[], None]] = []  # applied between steps, in order
         self.work = asyncio.Event()
@@ -152,7 +154,7 @@ class PeerService(Service):
             else:
                 self._send(m.Register(name=self.name, role=self.role, layout=self.layout,  # type: ignore[arg-type]
                                       kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid(),
-                                      epoch=self.epoch))  # fmt: skip
+                                      epoch=self.epoch, boot=self.boot))  # fmt: skip
             self.housekeeping()
             self.worker.update_gauges(self.metrics)
             await asyncio.sleep(d.heartbeat_interval_s)

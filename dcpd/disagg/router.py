@@ -64,6 +64,7 @@ class Peer:
     load: m.PeerLoad
     pid: int
     epoch: int
+    boot: str
     last_seen: float = field(default_factory=time.monotonic)
     keys: set[str] = field(default_factory=set)  # attempts this peer works on
     full_until: float = 0.0  # refused a reservation (full): skip it until its next heartbeat
@@ -111,6 +112,9 @@ class Router(Frontend):
         super().open()
         sock = m.control_socket(self.zmq_context, zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead peer fails at once
+        # A restarted peer connects with its old name before we notice the old connection is gone: the
+        # new connection takes the name over (without this, libzmq drops it and its Register is lost).
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.server.max_message_bytes)  # peers send only small messages
         self.peer_socket = sock
         sock.bind(self.config.disagg.router_endpoint)
@@ -255,20 +259,29 @@ class Router(Frontend):
             return
         old = self.peers.get(name)
         if old is not None:
-            if (old.pid, old.epoch, old.role) == (message.pid, message.epoch, message.role):  # our reply was late
+            same = (old.pid, old.boot, old.epoch, old.role) == (message.pid, message.boot, message.epoch, message.role)
+            if same:  # our reply was late
                 self._send_peer(old, m.Registered(ok=True))
                 return
-            self._drop_peer(old, "registered again (restarted)")
-        peer = Peer(name, message.role, identity, message.kv_endpoint, message.load, message.pid, message.epoch)
+        peer = Peer(
+            name, message.role, identity, message.kv_endpoint, message.load, message.pid, message.epoch, message.boot
+        )
         self.peers[name] = peer
         log.info("peer registered", peer=name, role=message.role, pid=message.pid, kv_endpoint=message.kv_endpoint,
                  kv_blocks=message.load.kv_blocks_total)  # fmt: skip
-        self._send_peer(peer, m.Registered(ok=True))
+        self._send_peer(peer, m.Registered(ok=True))  # first: a peer ignores requests before it
+        if old is not None:  # once the new one is in place: the old one's requests may retry on it
+            self._peer_gone(old, "registered again (restarted)")
         self._update_peer_gauges()
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
-        if self.peers.pop(peer.name, None) is None:
+        if self.peers.get(peer.name) is not peer:  # already dropped, or replaced by a restarted one
             return
+        del self.peers[peer.name]
+        self._peer_gone(peer, why)
+
+    def _peer_gone(self, peer: Peer, why: str) -> None:
+        """A peer is no longer registered: its attempts fail (and are retried where they still can be)."""
         log.warning("peer dropped", peer=peer.name, role=peer.role, why=why, requests=len(peer.keys))
         if peer.role == "decode" and peer.kv_endpoint:
             for other in [p for p in self.peers.values() if p.role == "prefill"]:  # draining ones too
