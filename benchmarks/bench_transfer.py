@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from multiprocessing.sharedctypes import Synchronized
 
@@ -71,6 +72,36 @@ def free_port() -> int:
 def make_cache(case: str, blocks: int) -> PagedKVCache:
     layers, heads, dim, dtype = CASES[case]
     return PagedKVCache(layers, blocks, BLOCK, heads, dim, dtype=dtype)
+
+
+class RawLink:
+    """A PUSH socket to a receiver process `target(*args, port, back_port, count, ready, cpu)`, which
+    reports the bytes it received on a PULL socket here once it has `count` of its units."""
+
+    def __init__(self, target: Callable[..., None], args: tuple, count: int) -> None:
+        port, back_port = free_port(), free_port()
+        self.ctx = zmq.Context()
+        self.back = self.ctx.socket(zmq.PULL)
+        self.back.bind(f"tcp://127.0.0.1:{back_port}")
+        spawn = mp.get_context("spawn")
+        ready, self.cpu = spawn.Event(), spawn.Value("d", 0.0)
+        self.proc = spawn.Process(target=target, args=(*args, port, back_port, count, ready, self.cpu))
+        self.proc.start()
+        ready.wait(60)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+
+    def received(self) -> int:
+        """Wait for the receiver's count of bytes."""
+        return int(self.back.recv())
+
+    def close(self) -> float:
+        """Close everything; returns the receiver's CPU seconds."""
+        self.push.close(linger=0)
+        self.back.close(linger=0)
+        self.ctx.term()
+        self.proc.join(30)
+        return self.cpu.value
 
 
 def receiver_main(case: str, port: int, requests: int, ready: mp.Event, cpu: Synchronized) -> None:
@@ -159,18 +190,8 @@ def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, in
     else:
         message = torch.zeros(2 * heads * TOKENS * dim, dtype=dtype)
         payload = memoryview(message.view(torch.uint8).numpy()).cast("B")
-    port, back_port = free_port(), free_port()
-    ctx = zmq.Context()
-    back = ctx.socket(zmq.PULL)
-    back.bind(f"tcp://127.0.0.1:{back_port}")
-    ready, cpu = mp.get_context("spawn").Event(), mp.get_context("spawn").Value("d", 0.0)
-    proc = mp.get_context("spawn").Process(
-        target=raw_receiver_main, args=(case, into_pool, port, back_port, requests, ready, cpu)
-    )
-    proc.start()
-    ready.wait(60)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
+    link = RawLink(raw_receiver_main, (case, into_pool), requests)
+    push = link.push
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(requests):
         for layer in range(layers):
@@ -178,13 +199,9 @@ def raw(case: str, requests: int, *, into_pool: bool = False) -> tuple[float, in
                 push.send_multipart(views.slabs((layer, layer + 1), 0, TOKENS // BLOCK), copy=False)
             else:
                 push.send(payload, copy=False)
-    received = int(back.recv())
+    received = link.received()
     elapsed, sender_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    push.close(linger=0)
-    back.close(linger=0)
-    ctx.term()
-    proc.join(30)
-    return elapsed, received, sender_cpu + cpu.value
+    return elapsed, received, sender_cpu + link.close()
 
 
 def build_checkpoint(path: str) -> None:

@@ -31,7 +31,7 @@ from multiprocessing.sharedctypes import Synchronized
 import torch
 import xxhash
 import zmq
-from bench_transfer import free_port
+from bench_transfer import RawLink
 from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 
 from dcpd.disagg.transfer import keep_frame_memory
@@ -84,17 +84,7 @@ def run(variant: str, messages: int) -> tuple[float, float]:
     frames, _, checksummed = VARIANTS[variant]
     source = memoryview(torch.randn(SOURCE_MESSAGES * MESSAGE // 4).view(torch.uint8).numpy())
     size = MESSAGE // frames
-    port, back_port = free_port(), free_port()
-    ctx = zmq.Context()
-    back = ctx.socket(zmq.PULL)
-    back.bind(f"tcp://127.0.0.1:{back_port}")
-    spawn = mp.get_context("spawn")
-    ready, cpu = spawn.Event(), spawn.Value("d", 0.0)
-    proc = spawn.Process(target=receiver_main, args=(variant, port, back_port, messages, ready, cpu))
-    proc.start()
-    ready.wait(60)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
+    link = RawLink(receiver_main, (variant,), messages)
     start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(messages):
         base = (i % SOURCE_MESSAGES) * MESSAGE
@@ -103,15 +93,11 @@ def run(variant: str, messages: int) -> tuple[float, float]:
         if checksummed:
             for frame in payload:
                 digest.update(frame)
-        push.send_multipart([str(digest.intdigest()).encode(), *payload], copy=False, track=True)
-    received = int(back.recv())
+        link.push.send_multipart([str(digest.intdigest()).encode(), *payload], copy=False, track=True)
+    received = link.received()
     elapsed, sender_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    push.close(linger=0)
-    back.close(linger=0)
-    ctx.term()
-    proc.join(30)
     gigabytes = received / 1e9
-    return gigabytes / elapsed, (sender_cpu + cpu.value) / gigabytes
+    return gigabytes / elapsed, (sender_cpu + link.close()) / gigabytes
 
 
 def main() -> None:
