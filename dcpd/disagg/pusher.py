@@ -246,7 +246,7 @@ class KVPusher:
         if chunk.seq == 0:
             self.pending[chunk.key] = _Pending(chunk.endpoint, time.monotonic())
             self.on_first_chunk(chunk.key)
-        if chunk.key not in self.pending:  # forgotten (cancelled) or already failed
+        if self._stale(chunk):  # forgotten (cancelled) or already failed
             return
         if self.dead_until.get(chunk.endpoint, 0.0) > time.monotonic():
             self._fail(chunk.key, f"decode peer at {chunk.endpoint} is not taking KV")
@@ -309,9 +309,8 @@ class KVPusher:
 
     def _transmit(self, chunk: Chunk) -> bool:
         """Send without waiting. False if the peer cannot take it now after all (it went away since
-        `can_send_now`): nothing was sent, and the chunk is back at the head of its backlog."""
-        if self._stale(chunk):  # cancelled or failed while it waited
-            return True
+        `can_send_now`): nothing was sent, and the chunk is back at the head of its backlog. Callers
+        pass only chunks whose request is still pending (not `_stale`)."""
         state = self.pending[chunk.key]
         sender = self.senders[chunk.endpoint]
         try:
