@@ -145,6 +145,22 @@ def test_a_full_decode_peer_refuses_up_front() -> None:
     assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
 
 
+def test_a_prompt_that_could_never_be_reserved_is_refused_not_kv_full() -> None:
+    """Reservations never take the reserve, so a prompt needing more blocks than lie beyond it would
+    be refused as kv_full for ever (and wait out the router's queue): it is an invalid request."""
+    from dcpd.batch import DCPPlanConfig
+    from dcpd.kv.cache import PagedKVCache
+
+    cfg = MODEL.config
+    block = PagedKVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    decode = LLMEngine(MODEL, DCPPlanConfig(kv_cache_bytes=10 * block, kv_reserve_fraction=0.2))
+    with pytest.raises(RequestError, match="needs 9 KV blocks reserved; this decode peer reserves at most 8 of its 10"):
+        decode.reserve_blocks("a", 16 * 9)
+    assert decode.reserve_blocks("b", 16 * 8) and decode.kv_cache.pool.num_used == 8
+    decode.cancel_reservation("b")
+    assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
+
+
 def test_prefill_only_requests_hold_their_blocks_from_admission_and_are_never_preempted() -> None:
     """A prefill peer streams a request's KV out of its blocks while later chunks compute, so those
     blocks must not change under it. Three 100-token prompts (7 blocks each) in 10 blocks, 32-token

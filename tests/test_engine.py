@@ -137,6 +137,23 @@ def test_duplicate_ids_and_requests_larger_than_the_cache() -> None:
         eng.add_request([1] * 70, GREEDY)
 
 
+def test_a_prompt_reaching_into_the_reserve_runs_when_nothing_else_does() -> None:
+    """20 blocks, 4 kept in reserve for running requests to grow into: a 300-token prompt (19 blocks,
+    one first chunk) is valid, and with nothing running it is admitted into the reserve instead of
+    waiting for blocks that can never be free beyond it."""
+    eng = engine(kv_cache_bytes=20 * BLOCK_BYTES, kv_reserve_fraction=0.2)
+    assert eng.kv_cache.pool.reserve_blocks == 4
+    big = eng.add_request(prompt(300), GREEDY)
+    small = eng.add_request(prompt(10, 1), GREEDY)  # waits behind it (first come, first served)
+    for _ in range(40):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert [len(eng.requests[r].output_token_ids) for r in (big, small)] == [8, 8]
+    assert eng.requests[big].token_ids[300:] == engine().generate([prompt(300)], GREEDY)[0].token_ids
+    assert eng.kv_cache.pool.num_free == eng.kv_cache.num_blocks
+
+
 def test_a_failing_step_fails_its_requests_not_the_engine(monkeypatch) -> None:
     eng = engine()
     rid = eng.add_request(prompt(10), GREEDY)

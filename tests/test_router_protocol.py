@@ -268,6 +268,30 @@ def test_a_request_goes_to_a_decode_peer_whose_cache_can_hold_all_of_it(scripted
         small.expect(m.Reserve, timeout=0.5)
 
 
+def test_a_prompt_no_decode_peer_could_ever_reserve_is_refused_at_once(scripted) -> None:
+    """Decode peers reserve a prompt's blocks outside their reserve. A 9-block prompt on peers with 10
+    blocks, 2 of them reserve, fits their caches but can never be reserved: the client is told so at
+    once (invalid_request), not after the queue timeout; an 8-block prompt still goes through."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    load = m.PeerLoad(waiting=0, running=0, kv_blocks_free=10, kv_blocks_total=10, kv_blocks_reserve=2)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv", load)
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            started = time.monotonic()
+            with pytest.raises(ServerError) as refused:
+                await (await client.generate(prompt_ids=[5] * 129, max_tokens=1, temperature=0.0)).collect()
+            waited = time.monotonic() - started
+            await client.generate(prompt_ids=[5] * 128, max_tokens=1, temperature=0.0)
+            return refused.value, waited, await asyncio.to_thread(decode.expect, m.Reserve)
+
+    error, waited, reserve = asyncio.run(scenario())
+    assert error.code == "invalid_request" and waited < 5
+    assert "9 of them reserved up front for the prompt" in str(error) and "reserves at most 8" in str(error)
+    assert len(reserve.prompt_ids) == 128
+
+
 def test_a_reused_request_id_gets_a_new_attempt_key_and_late_messages_of_the_old_one_are_ignored(scripted) -> None:
     """A client may send a new request with the id of one it aborted while its peers still hold the old
     attempt (a queued cancel, a forgotten key). The new attempt must not share the old one's key, and

@@ -138,15 +138,27 @@ class Router(Frontend):
         config = self.model_config
         prompt = check_prompt(prompt, params, vocab_size=config.vocab_size,
                               max_model_len=config.max_position_embeddings)  # fmt: skip
-        total = len(prompt) + params.max_tokens
+        whole, reserved = self._blocks_for(len(prompt) + params.max_tokens), self._blocks_for(len(prompt))
         decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
-        if decoders and all(self._blocks_for(total) > peer.load.kv_blocks_total for peer in decoders):
-            biggest = max(peer.load.kv_blocks_total for peer in decoders)
+        if decoders and not any(self._can_hold(peer, reserved, whole) for peer in decoders):
+            loads = [peer.load for peer in decoders]
+            load = max(loads, key=lambda load: (self._reservable(load), load.kv_blocks_total))
             raise RequestError(
-                f"prompt + max_tokens = {total} tokens needs {self._blocks_for(total)} KV blocks; "
-                f"the largest decode peer has {biggest}"
+                f"prompt + max_tokens = {len(prompt) + params.max_tokens} tokens needs {whole} KV blocks, "
+                f"{reserved} of them reserved up front for the prompt; the largest decode peer has "
+                f"{load.kv_blocks_total}, of which it reserves at most {self._reservable(load)} (the other "
+                f"{load.kv_blocks_reserve} are kept for running requests to grow into)"
             )
         return prompt
+
+    @staticmethod
+    def _reservable(load: m.PeerLoad) -> int:
+        """The most blocks a decode peer reserves for one prompt (never its reserve)."""
+        return load.kv_blocks_total - load.kv_blocks_reserve
+
+    def _can_hold(self, peer: Peer, prompt_blocks: int, whole_blocks: int) -> bool:
+        """Whether a decode peer could ever take a request: reserve its prompt, and hold all of it as it grows."""
+        return prompt_blocks <= self._reservable(peer.load) and whole_blocks <= peer.load.kv_blocks_total
 
     def submit(self, request: ClientRequest) -> None:
         sampling = self._sampling_options(request.params)
@@ -326,10 +338,10 @@ class Router(Frontend):
 
     def _try_reserve(self, route: Route) -> bool:
         now = time.monotonic()
-        # Only peers whose whole cache can hold the request as it grows (a smaller one would refuse it).
+        # Only peers that can ever take the request (a smaller one would refuse it, ending it).
         whole = self._blocks_for(len(route.request.prompt_ids) + route.request.params.max_tokens)
         candidates = [(self._decode_room(peer), peer) for peer in self._live("decode")
-                      if peer.full_until <= now and peer.load.kv_blocks_total >= whole]  # fmt: skip
+                      if peer.full_until <= now and self._can_hold(peer, route.blocks, whole)]  # fmt: skip
         candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
         if not candidates:
             return False

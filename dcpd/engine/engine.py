@@ -164,11 +164,18 @@ class LLMEngine:
         """Reserve blocks for `num_tokens` tokens of KV arriving from a prefill peer.
 
         Raises KVCacheExhausted (nothing reserved) when they are not available beyond the reserve:
-        a full decode peer refuses up front.
+        a full decode peer refuses up front. Raises RequestError when they never could be.
         """
         if request_id in self.reserved or request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        blocks = self.kv_cache.pool.allocate(self.block_manager.blocks_for(num_tokens))
+        pool, needed = self.kv_cache.pool, self.block_manager.blocks_for(num_tokens)
+        if needed > pool.num_blocks - pool.reserve_blocks:  # would be refused as kv_full for ever
+            raise RequestError(
+                f"a prompt of {num_tokens} tokens needs {needed} KV blocks reserved; this decode peer reserves "
+                f"at most {pool.num_blocks - pool.reserve_blocks} of its {pool.num_blocks} (the other "
+                f"{pool.reserve_blocks} are kept for running requests to grow into)"
+            )
+        blocks = pool.allocate(needed)
         self.reserved[request_id] = blocks
         return blocks
 
