@@ -304,3 +304,149 @@ async def _drop_everything_with_a_queued_reserve() -> None:
         finally:
             peer.close()
             router.close(linger=0)
+
+
+class DecodeUnderTest:
+    """A DecodePeer (opened inside a running loop) with a bare ROUTER standing in for the router."""
+
+    def __init__(self, tmp: str, ctx: zmq.Context, *settings: str) -> None:
+        from dcpd.config import load_config
+        from dcpd.disagg import messages as m
+        from dcpd.disagg.decode import DecodePeer
+
+        self.m = m
+        self.router = m.control_socket(ctx, zmq.ROUTER)
+        self.router.bind(f"ipc://{tmp}/r")
+        self.kv_endpoint = f"ipc://{tmp}/kv"
+        config = load_config(overrides=[f'disagg.router_endpoint="ipc://{tmp}/r"',
+                                        f'disagg.kv_endpoint="{self.kv_endpoint}"', *settings])  # fmt: skip
+        self.peer = DecodePeer(config, MODEL)
+        self.peer.open()
+
+    def reserve(self, key: str, prompt: list[int], *, here: bool = False) -> None:
+        from dcpd.server.protocol import SamplingOptions
+
+        options = SamplingOptions(temperature=0.0, max_tokens=4, ignore_eos=True)
+        self.peer.handle(self.m.Reserve(key=key, prompt_ids=prompt, sampling=options, prefill_here=here))
+        self.peer._apply_ops()
+        assert self.next_message(self.m.Reserved, timeout=1).ok
+
+    def next_message(self, kind: type, timeout: float = 10.0):
+        """The next message of this type the peer sent the router (others are skipped)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.router.poll(max(int((deadline - time.monotonic()) * 1000), 0)):
+            message = self.m.decode_peer(self.router.recv_multipart()[1])
+            if isinstance(message, kind):
+                return message
+        raise TimeoutError(f"no {kind.__name__} from the peer in {timeout} s")
+
+    def close(self) -> None:
+        self.peer.close()
+        self.router.close(linger=0)
+
+
+def test_a_stuck_step_reports_the_requests_still_waiting_for_kv_before_the_loop_stops() -> None:
+    """A stuck step makes the peer report everything and exit without running its loop again: a request
+    whose KV was still on its way must be reported then and there, not in a callback that never runs."""
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            under = DecodeUnderTest(tmp, ctx)
+            try:
+                under.reserve("k", prompts()[4])
+                under.peer.on_step_stuck()  # then the daemon sleeps and exits, never awaiting again
+                report = under.next_message(under.m.Output, timeout=2)
+                assert report.key == "k" and report.reason == "error" and "stuck" in report.error
+                pool = under.peer.engine.kv_cache.pool
+                for _ in range(100):  # (were the loop to go on, the KV thread's confirmation frees the blocks)
+                    await asyncio.sleep(0.02)
+                    under.peer._apply_ops()
+                    if pool.num_used == 0:
+                        break
+                assert pool.num_used == 0 and not under.peer.awaiting
+            finally:
+                under.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_cannot_start_until_kv_arrives_does_not_spin_the_engine_loop() -> None:
+    """Reservations hold most of a small cache and a locally prefilled request cannot be admitted
+    until they are gone: the engine loop waits for blocks to be freed instead of stepping in a busy
+    loop (it competed for the GIL with the KV thread receiving the very data it waits for), and runs
+    the request as soon as the reservation is cancelled."""
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            under = DecodeUnderTest(tmp, ctx, "engine.kv_cache_mb=1")
+            peer = under.peer
+            pool = peer.engine.kv_cache.pool
+            try:
+                reserved = (pool.num_blocks - pool.reserve_blocks) * 16
+                under.reserve("held", [7] * reserved)
+                under.reserve("local", [5] * 64, here=True)  # needs 5 blocks; at most the reserve is free
+                calls = 0
+                make_step = peer.make_step
+
+                def counting_make_step():
+                    nonlocal calls
+                    calls += 1
+                    return make_step()
+
+                peer.make_step = counting_make_step
+                loop_task = asyncio.create_task(peer._engine_loop())
+                await asyncio.sleep(1.0)
+                assert calls <= 15, f"{calls} steps in 1 s with nothing schedulable"
+                assert not peer.engine.requests["local"].output_token_ids
+                peer.handle(under.m.Cancel(key="held"))
+                outputs = []
+                while not (outputs and outputs[-1].finished):
+                    outputs.append(await asyncio.to_thread(under.next_message, under.m.Output))
+                assert [o.key for o in outputs] == ["local"] * len(outputs) and outputs[-1].reason == "length"
+                assert sum(len(o.token_ids) for o in outputs) == 4
+                loop_task.cancel()
+                await asyncio.sleep(0.1)
+                peer._apply_ops()
+                assert pool.num_used == 0
+            finally:
+                under.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_chunk_resent_after_the_kv_was_acknowledged_does_not_fail_the_request() -> None:
+    """The last chunk was acknowledged and the request waits to be adopted at the next step boundary;
+    a resend of that chunk (or any stray chunk naming it) is refused on the KV socket, and the request
+    still starts decoding."""
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            under = DecodeUnderTest(tmp, ctx)
+            peer = under.peer
+            try:
+                prompt = prompts()[4]
+                under.reserve("k", prompt)
+                prefill = LLMEngine(MODEL)
+                blocks = prefill.kv_cache.pool.allocate(-(-len(prompt) // 16))
+                sender = KVSender(prefill.kv_cache, under.kv_endpoint, context=ctx)
+                sender.send_request("k", blocks, layers_per_chunk=1, first_token=9)
+                assert (await asyncio.to_thread(sender.wait_ack, 10)).ok
+                layers = prefill.kv_cache.num_layers
+                sender.send_chunk("k", layers - 1, blocks, layers=(layers - 1, layers), last=True, first_token=9)
+                late = await asyncio.to_thread(sender.wait_ack, 10)
+                assert not late.ok and "not expected" in late.error
+                await asyncio.sleep(0.2)  # any callback from the KV thread has run
+                peer._apply_ops()
+                assert "k" in peer.active and "k" in peer.engine.requests
+                first = under.next_message(under.m.Output, timeout=2)
+                assert first.key == "k" and first.token_ids == [9] and first.error is None
+                sender.close()
+                peer.handle(under.m.Cancel(key="k"))
+                peer._apply_ops()
+                assert peer.engine.kv_cache.pool.num_used == 0
+            finally:
+                under.close()
+
+    asyncio.run(scenario())

@@ -105,6 +105,34 @@ def test_bad_chunks_are_refused_and_end_the_request(changes: dict, message: str)
         assert dst.kv.abs().sum() == 0
 
 
+def test_chunks_from_another_connection_or_after_the_end_change_nothing() -> None:
+    """Once a connection's chunk was accepted for a request, only that connection may send it more: a
+    chunk from another one (here a seq that would otherwise fail the request) is refused and the
+    transfer goes on. After the last chunk, a resent chunk is refused and names no ended request."""
+    src = filled_cache()
+    dst = PagedKVCache(4, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    reserved = dst.pool.allocate(2)
+    receiver.expect("r", reserved)
+    layers = [chunk(src, [1, 2])]
+    for layer in range(1, 4):
+        data = src.gather([1, 2], layers=slice(layer, layer + 1))
+        slabs = [_as_bytes(data[0, kv, h].contiguous()) for kv in range(2) for h in range(data.shape[2])]
+        header = KVChunkHeader(request_id="r", seq=layer, layer_start=layer, layer_end=layer + 1, block_offset=0,
+                               num_blocks=2, dtype="float32", shape=list(data.shape), checksum=checksum(*slabs),
+                               last=layer == 3)  # fmt: skip
+        layers.append((msgspec.msgpack.encode(header), slabs))
+    assert receiver.handle(*layers[0], sender=b"a") is None
+    ack = receiver.handle(*layers[0], sender=b"b")
+    assert not ack.ok and "being sent by another connection" in ack.error and receiver.last_ended is None
+    assert receiver.handle(*layers[1], sender=b"a") is None and receiver.handle(*layers[2], sender=b"a") is None
+    ack = receiver.handle(*layers[3], sender=b"a")
+    assert ack.ok and receiver.last_ended == "r"
+    assert torch.equal(dst.gather(reserved), src.gather([1, 2]))
+    ack = receiver.handle(*layers[3], sender=b"a")
+    assert not ack.ok and "not expected" in ack.error and receiver.last_ended is None
+
+
 def test_truncated_payload_and_missing_layers() -> None:
     src = filled_cache()
     dst = PagedKVCache(4, 16, 16, 2, 8)

@@ -39,7 +39,6 @@ class AwaitingKV:
     params: SamplingParams
     since: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    report: str | None = None  # on cancel: the error to send the router (None: the router asked)
 
 
 class DecodePeer(PeerService):
@@ -90,11 +89,14 @@ class DecodePeer(PeerService):
             self._cancel(message.key, report=None)
 
     def _cancel(self, key: str, report: str | None) -> None:
+        """End a request here; `report`: the error to tell the router (None: the router asked)."""
         waiting = self.awaiting.get(key)
         if waiting is not None:
             if not waiting.cancelled:
-                waiting.cancelled, waiting.report = True, report
+                waiting.cancelled = True
                 self.ingest.cancel(key)  # its blocks are freed once the KV thread confirms (_on_kv_cancelled)
+                if report is not None:  # now: the loop may not run again (a stuck step exits the process)
+                    self._send(m.Output(key=key, token_ids=[], finished=True, reason="error", error=report))
         elif key in self.active:
             self.active.discard(key)
             self.between_steps(lambda: (self.engine.abort_request(key), self.engine.forget(key)))
@@ -149,10 +151,8 @@ class DecodePeer(PeerService):
 
     def _on_kv_cancelled(self, key: str) -> None:
         """The KV thread will write no more into this request's blocks: free them."""
-        waiting = self.awaiting.pop(key, None)
+        self.awaiting.pop(key, None)
         self.between_steps(lambda: self.engine.cancel_reservation(key))
-        if waiting is not None and waiting.report is not None:
-            self._send(m.Output(key=key, token_ids=[], finished=True, reason="error", error=waiting.report))
 
     def _adopt(self, key: str, first_token: int) -> None:
         """Between steps: the KV is in; the request joins the running batch with its first token."""

@@ -104,6 +104,6 @@ class KVIngest:
             # only after the reservation was made): apply it before handling the message.
             self._apply_commands()
             ack = self.receiver.serve_once(self.socket, timeout_ms=0)
-            if ack is not None and ack.request_id:
+            if ack is not None and ack.request_id == self.receiver.last_ended:  # not a stray chunk's refusal
                 self.on_done(ack.request_id, ack)
         self._apply_commands()

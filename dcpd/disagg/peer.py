@@ -14,6 +14,7 @@ queued as an operation and applied by the loop between steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -33,6 +34,10 @@ from dcpd.server.daemon import EngineService
 from dcpd.server.service import Service
 
 log = structlog.get_logger("dcpd.peer")
+
+# After a step that could schedule nothing, the longest the engine loop waits for an operation that
+# frees blocks before trying again (they wake it at once; this only bounds a wake-up gone missing).
+NOTHING_SCHEDULED_RECHECK_S = 0.1
 
 
 def peer_name(config: Config) -> str:
@@ -226,11 +231,21 @@ class PeerService(Service):
                 if not self.ops:
                     await self.work.wait()
                 continue
+            steps = self.engine.num_steps
             try:
                 outputs = await self.worker.run_in_step_thread(self.make_step())
             except Exception:
                 log.exception("engine step failed")
                 self.drop_everything("engine step failed", report=True)
                 continue
-            self.metrics.steps.inc()
             self.after_step(outputs)
+            if self.engine.num_steps > steps:
+                self.metrics.steps.inc()
+            elif not self.engine.last_preempted:
+                # Nothing could be scheduled: the blocks it needs are reserved for incoming KV or held
+                # for a transfer. What frees them comes as an operation between steps (which sets
+                # `work`); until one does, stepping again would only spin.
+                self.work.clear()
+                if not self.ops:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.work.wait(), NOTHING_SCHEDULED_RECHECK_S)

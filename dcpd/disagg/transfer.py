@@ -356,6 +356,7 @@ class Incoming:
     covered: np.ndarray  # bool [num_layers, num_blocks]
     next_seq: int = 0
     bytes: int = 0
+    sender: bytes | None = None  # the connection whose first chunk was accepted: only it may send more
 
 
 class KVReceiver:
@@ -375,6 +376,7 @@ class KVReceiver:
         self.views = SlabViews(cache) if cache.device.type == "cpu" else None
         self.incoming: dict[str, Incoming] = {}
         self.bytes_received = 0
+        self.last_ended: str | None = None  # the request the last message ended here (done or failed), if any
 
     def expect(self, request_id: str, block_ids: list[int]) -> None:
         """Register the blocks reserved for a request before its KV arrives."""
@@ -390,16 +392,20 @@ class KVReceiver:
         c = self.cache
         return [header.layer_end - header.layer_start, 2, c.num_kv_heads, header.num_blocks, c.block_size, c.head_dim]
 
-    def handle(self, header_frame: bytes | memoryview, slabs: list[memoryview]) -> KVAck | None:
+    def handle(self, header_frame: bytes | memoryview, slabs: list[memoryview], sender: bytes = b"") -> KVAck | None:
         """Validate and store one chunk given as frames. See `receive`."""
-        return self.receive(header_frame, ListFrames(slabs))
+        return self.receive(header_frame, ListFrames(slabs), sender)
 
-    def receive(self, header_frame: bytes | memoryview, frames: Frames) -> KVAck | None:
-        """Validate and store one chunk, reading its slab frames from `frames` (all of them, whatever
-        happens). Returns the ack after the last chunk (or a failed ack); else None.
+    def receive(self, header_frame: bytes | memoryview, frames: Frames, sender: bytes = b"") -> KVAck | None:
+        """Validate and store one chunk from connection `sender`, reading its slab frames from `frames`
+        (all of them, whatever happens). Returns the ack after the last chunk (or a failed ack); else None.
 
-        A failed chunk ends the request on this side: it is forgotten, and the caller frees its blocks.
+        A failed chunk ends the request on this side: it is forgotten, and the caller frees its blocks;
+        `last_ended` names it. A chunk that is no request's business here (not expected: never, or no
+        longer; or from another connection than the one sending that request's KV) is refused with an
+        ack and changes nothing.
         """
+        self.last_ended = None
         try:
             header = _header_decoder.decode(header_frame)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -410,13 +416,19 @@ class KVReceiver:
         if state is None:
             frames.drain()
             return KVAck(request_id=rid, ok=False, chunks=0, bytes=0, error=f"request {rid!r} is not expected here")
+        if state.sender is not None and sender != state.sender:
+            frames.drain()
+            return KVAck(request_id=rid, ok=False, chunks=0, bytes=0,
+                         error=f"request {rid!r} is being sent by another connection")  # fmt: skip
         try:
             self._check_header(header, state)
             nbytes = self._store(header, state, frames)
         except TransferError as exc:
             frames.drain()
             del self.incoming[rid]
+            self.last_ended = rid
             return KVAck(request_id=rid, ok=False, chunks=header.seq, bytes=state.bytes, error=str(exc))
+        state.sender = sender
         state.next_seq += 1
         state.bytes += nbytes
         offset = header.block_offset
@@ -425,6 +437,7 @@ class KVReceiver:
         if not header.last:
             return None
         del self.incoming[rid]
+        self.last_ended = rid
         if not state.covered.all():
             layers, blocks = np.nonzero(~state.covered)
             return KVAck(request_id=rid, ok=False, chunks=state.next_seq, bytes=state.bytes,
@@ -511,7 +524,7 @@ class KVReceiver:
             if not frames.more():
                 ack = KVAck(request_id="", ok=False, chunks=0, bytes=0, error="expected header + slabs, got 1 frame")
             else:
-                ack = self.receive(header, frames)
+                ack = self.receive(header, frames, identity)
         if ack is not None:
             socket.send_multipart([identity, _header_encoder.encode(ack)])
         return ack
