@@ -7,6 +7,7 @@ import asyncio
 import random
 import tempfile
 
+import msgspec
 import pytest
 import torch
 import zmq
@@ -448,5 +449,80 @@ def test_a_chunk_resent_after_the_kv_was_acknowledged_does_not_fail_the_request(
                 assert peer.engine.kv_cache.pool.num_used == 0
             finally:
                 under.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_refuses_a_router_of_another_version_and_messages_for_the_other_role() -> None:
+    """A Registered of another control protocol version stops the peer with EX_CONFIG (it would
+    otherwise register for ever), and a Prefill sent to a decode peer is refused at once."""
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            under = DecodeUnderTest(tmp, ctx)
+            m = under.m
+            try:
+                from dcpd.server.protocol import SamplingOptions
+
+                prefill = m.Prefill(key="p", prompt_ids=[1, 2], sampling=SamplingOptions(), decode_peer="d",
+                                    kv_endpoint="")  # fmt: skip
+                under.peer.handle(prefill)
+                refused = under.next_message(m.PrefillDone, timeout=2)
+                assert refused.key == "p" and not refused.ok and "Prefill sent to a decode peer" in refused.error
+                control = asyncio.create_task(under.peer._control_loop())
+                await asyncio.sleep(0.2)  # the peer's DEALER has connected
+                under.peer._send(m.Heartbeat(load=under.peer.load()))  # for the peer's routing id
+                identity, _ = await asyncio.to_thread(under.router.recv_multipart)
+                under.router.send_multipart([identity, msgspec.msgpack.encode({"type": "registered", "v": 9,
+                                                                               "ok": True})])  # fmt: skip
+                await asyncio.wait_for(under.peer.stopped.wait(), 5)
+                assert under.peer.exit_code == 78
+                control.cancel()
+            finally:
+                under.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_prefill_peer_refuses_a_key_it_has_used_and_a_message_for_the_other_role() -> None:
+    """A Prefill reusing the key of a cancelled attempt would have its KV dropped by the pusher (it
+    takes the chunks for the cancelled attempt's) and fail only at the lease: it is refused at once.
+    A Reserve sent to a prefill peer is refused as an invalid request."""
+
+    async def scenario() -> None:
+        from dcpd.config import load_config
+        from dcpd.disagg import messages as m
+        from dcpd.disagg.prefill import PrefillPeer
+        from dcpd.server.protocol import SamplingOptions
+
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            router = m.control_socket(ctx, zmq.ROUTER)
+            router.bind(f"ipc://{tmp}/r")
+            peer = PrefillPeer(load_config(overrides=[f'disagg.router_endpoint="ipc://{tmp}/r"']), MODEL)
+            peer.open()
+
+            def next_reply():
+                assert router.poll(5000)
+                return m.decode_peer(router.recv_multipart()[1])
+
+            try:
+                prefill = m.Prefill(key="k", prompt_ids=prompts()[4], sampling=SamplingOptions(temperature=0.0),
+                                    decode_peer="d", kv_endpoint=f"ipc://{tmp}/kv")  # fmt: skip
+                peer.handle(prefill)
+                peer.handle(m.Cancel(key="k"))
+                peer.handle(prefill)
+                reply = next_reply()
+                assert isinstance(reply, m.PrefillDone) and reply.key == "k" and not reply.ok
+                assert "key 'k' was already used on this prefill peer" in reply.error
+                peer.handle(m.Reserve(key="r", prompt_ids=[1, 2], sampling=SamplingOptions()))
+                reply = next_reply()
+                assert isinstance(reply, m.Reserved) and not reply.ok and reply.code == "invalid_request"
+                assert "Reserve sent to a prefill peer" in reply.error
+                peer._apply_ops()
+                assert not peer.engine.requests and peer.engine.kv_cache.pool.num_used == 0
+            finally:
+                peer.pusher.stop()
+                peer.close()
+                router.close(linger=0)
 
     asyncio.run(scenario())

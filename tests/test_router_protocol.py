@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -369,3 +370,23 @@ def test_a_peer_restarted_with_the_same_pid_is_a_new_peer(scripted) -> None:
     first_key, retried_key, result = asyncio.run(scenario())
     assert retried_key != first_key and result.token_ids == [70, 71]
     assert "registered again (restarted)" in fleet.router.log_text()
+
+
+def test_a_peer_of_another_control_protocol_version_is_refused_for_good(scripted) -> None:
+    """A Register the router cannot decode because it is of another protocol version gets a fatal
+    refusal naming both versions (the peer exits 78), instead of no answer and retries for ever."""
+    fleet, _ = scripted
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"future")
+    sock.connect(fleet.router_endpoint)
+    try:
+        sock.send(msgspec.msgpack.encode({"type": "register", "v": 2, "name": "future", "shards": 4}))
+        assert sock.poll(5000)
+        reply = m.decode_router(sock.recv())
+        assert isinstance(reply, m.Registered) and not reply.ok and reply.fatal
+        assert "control protocol version 2 is not supported (the router speaks 1)" in reply.error
+    finally:
+        sock.close()
+        ctx.term()

@@ -87,6 +87,8 @@ class DecodePeer(PeerService):
                 self.between_steps(lambda: self._reserve(message, generation))
         elif isinstance(message, m.Cancel):
             self._cancel(message.key, report=None)
+        else:
+            self.wrong_role(message)
 
     def _cancel(self, key: str, report: str | None) -> None:
         """End a request here; `report`: the error to tell the router (None: the router asked)."""

@@ -181,6 +181,19 @@ def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes) -> _Control:
     return message
 
 
+def foreign_version(frame: bytes, tag: str) -> int | None:
+    """The version of a frame that is a `tag` message of another control protocol version (one we
+    cannot decode as ours), else None: so a peer and a router of different versions refuse each other
+    with a clear error instead of ignoring each other's messages for ever."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict) and raw.get("type") == tag and isinstance(raw.get("v"), int):
+        return raw["v"] if raw["v"] != CONTROL_VERSION else None
+    return None
+
+
 def decode_peer(frame: bytes) -> PeerMessage:
     return _decode(_peer_decoder, frame)  # type: ignore[return-value]
 

@@ -179,6 +179,10 @@ class PeerService(Service):
                 message = m.decode_router(frame)
             except m.ControlError as exc:
                 log.error("bad message from the router", error=str(exc))
+                if (version := m.foreign_version(frame, "registered")) is not None:
+                    self._on_registered(m.Registered(ok=False, fatal=True, error=(
+                        f"the router speaks control protocol version {version}; this peer speaks {m.CONTROL_VERSION}"
+                    )))  # fmt: skip
                 continue
             if isinstance(message, m.Registered):
                 self._on_registered(message)
@@ -206,6 +210,15 @@ class PeerService(Service):
         elif self.registered:  # the router restarted or dropped us: what we hold is orphaned
             log.warning("the router no longer knows us", error=message.error)
             self._lost_router(message.error or "unknown to the router")
+
+    def wrong_role(self, message: m.RouterMessage) -> None:
+        """A router message for the other role: refused (a request in it fails now, not at a timeout)."""
+        why = f"{type(message).__name__} sent to a {self.role} peer"
+        log.warning("router message for another role; refused", type=type(message).__name__)
+        if isinstance(message, m.Reserve):
+            self._send(m.Reserved(key=message.key, ok=False, code="invalid_request", error=why))
+        elif isinstance(message, m.Prefill):
+            self._send(m.PrefillDone(key=message.key, ok=False, error=why))
 
     # -- the engine loop ---------------------------------------------------------------------------
     def between_steps(self, op: Callable[[], None]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ import structlog
 from dcpd.config import Config
 from dcpd.disagg import messages as m
 from dcpd.disagg.peer import PeerService
-from dcpd.disagg.pusher import Chunk, KVPusher
+from dcpd.disagg.pusher import FORGOTTEN_KEYS, Chunk, KVPusher
 from dcpd.disagg.transfer import KVAck
 from dcpd.engine import FinishReason, RequestError, RequestOutput, SamplingParams
 from dcpd.engine.scheduler import SchedulerOutput
@@ -58,6 +58,7 @@ class PrefillPeer(PeerService):
     def __init__(self, config: Config, loaded: LoadedModel) -> None:
         super().__init__(config, loaded)
         self.jobs: dict[str, PrefillJob] = {}
+        self.used_keys: OrderedDict[str, None] = OrderedDict()  # the last FORGOTTEN_KEYS accepted
         self.pusher: KVPusher | None = None
         self._step_jobs: dict[str, PrefillJob] = {}
         self.releasing: set[str] = set()  # forgotten (cancelled, failed, lease expired, dropped): their
@@ -95,15 +96,25 @@ class PrefillPeer(PeerService):
         elif isinstance(message, m.DropPeer):
             log.info("decode peer gone; closing its KV connection", kv_endpoint=message.kv_endpoint)
             self.pusher.drop_peer(message.kv_endpoint)
+        else:
+            self.wrong_role(message)
 
     def _accept(self, message: m.Prefill) -> None:
         key = message.key
-        if self.draining:
-            self._send(m.PrefillDone(key=key, ok=False, error="the prefill peer is draining"))
-            return
         if key in self.jobs:
             log.warning("duplicate prefill request ignored", key=key)
             return
+        if key in self.used_keys:  # the pusher would drop its chunks as those of the cancelled attempt
+            log.warning("prefill request with a used key refused", key=key)
+            self._send(m.PrefillDone(key=key, ok=False, error=f"key {key!r} was already used on this prefill peer: "
+                                                              "every attempt needs a new key"))  # fmt: skip
+            return
+        if self.draining:
+            self._send(m.PrefillDone(key=key, ok=False, error="the prefill peer is draining"))
+            return
+        self.used_keys[key] = None
+        if len(self.used_keys) > FORGOTTEN_KEYS:
+            self.used_keys.popitem(last=False)
         blocks = self.engine.block_manager.blocks_for(len(message.prompt_ids))
         job = PrefillJob(key, list(message.prompt_ids), message.kv_endpoint, blocks)
         self.jobs[key] = job

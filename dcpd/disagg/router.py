@@ -211,6 +211,11 @@ class Router(Frontend):
                 message = m.decode_peer(frame)
             except m.ControlError as exc:
                 log.error("bad message from a peer", peer=identity, error=str(exc))
+                if (version := m.foreign_version(frame, "register")) is not None:  # refused, not left retrying
+                    error = (
+                        f"control protocol version {version} is not supported (the router speaks {m.CONTROL_VERSION})"
+                    )
+                    self._reply_unregistered(identity, m.Registered(ok=False, error=error, fatal=True))
                 continue
             try:
                 self._on_peer_message(identity, message)
