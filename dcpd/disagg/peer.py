@@ -96,7 +96,7 @@ class PeerService(Service):
 
     def close(self) -> None:
         if self.control is not None:
-            self.control.close(linger=0)
+            self.control.close(linger=1000)  # the last Output / PrefillDone of a drain: let it leave
 
     def shutdown(self) -> None:
         self.worker.close(self.exit_code)

@@ -86,7 +86,7 @@ class Frontend(Service):
 
     def close(self) -> None:
         if self.socket is not None:
-            self.socket.close(linger=0)
+            self.socket.close(linger=1000)  # the last replies of a drain are on their way: let them leave
 
     def describe(self) -> dict[str, object]:
         return {"frontend": self.config.server.frontend, "model": self.model_source}
