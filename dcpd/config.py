@@ -8,6 +8,7 @@ defaults fill the rest.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -120,9 +121,8 @@ WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
 IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (Linux)
 
 
-def unconnectable(endpoint: str) -> str | None:
-    """Why other processes could not connect to this endpoint, or None. A decode peer binds its
-    kv_endpoint and also gives it to prefill peers to connect to, so it must name a reachable host."""
+def unbindable(endpoint: str) -> str | None:
+    """What is wrong with an endpoint to bind, or None."""
     if endpoint.startswith("ipc://"):
         path = endpoint.removeprefix("ipc://")
         if not path:
@@ -133,11 +133,29 @@ def unconnectable(endpoint: str) -> str | None:
     if not endpoint.startswith("tcp://"):
         return "must start with tcp:// or ipc://"
     host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not sep or not port.isdigit():
-        return "a tcp endpoint needs host:port"
-    if host in WILDCARD_HOSTS:
-        return f"prefill peers connect to this address, so it needs a host they can reach, not {host or 'none'!r}"
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return "a tcp endpoint needs host:port, the port a number in [0, 65535]"
     return None
+
+
+def unconnectable(endpoint: str) -> str | None:
+    """Why other processes could not connect to this endpoint, or None. A decode peer binds its
+    kv_endpoint and also gives it to prefill peers to connect to, so it must name a reachable host."""
+    if problem := unbindable(endpoint):
+        return problem
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0] if endpoint.startswith("tcp://") else None
+    if host in WILDCARD_HOSTS:
+        return f"prefill peers connect to this address, so it needs a host they can reach, not {host!r}"
+    return None
+
+
+def connectable(endpoint: str) -> str:
+    """An address a local client can connect to for a bind endpoint (a wildcard host becomes loopback)."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if host in WILDCARD_HOSTS:
+            return f"tcp://127.0.0.1:{port}"
+    return endpoint
 
 
 def _check_values(config: Config) -> None:
@@ -159,8 +177,8 @@ def _check_values(config: Config) -> None:
         "disagg.kv_endpoint": config.disagg.kv_endpoint,
     }
     for key, value in endpoints.items():
-        if not value.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"{key} = {value!r}: must start with tcp:// or ipc://")
+        if problem := unbindable(value):
+            raise ConfigError(f"{key} = {value!r}: {problem}")
     if problem := unconnectable(config.disagg.kv_endpoint):
         raise ConfigError(f"disagg.kv_endpoint = {config.disagg.kv_endpoint!r}: {problem}")
     d = config.disagg
@@ -182,6 +200,12 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"engine.step_timeout_s = {config.engine.step_timeout_s}: must be >= 0 (0: never)")
     if config.server.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s = {config.server.drain_timeout_s}: must be >= 0")
+    for key, value in (("server.send_hwm", config.server.send_hwm), ("server.recv_hwm", config.server.recv_hwm),
+                       ("engine.threads", config.engine.threads)):  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: must be >= 0 (0: {'no limit' if 'hwm' in key else 'the default'})")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", config.model.device):
+        raise ConfigError(f"model.device = {config.model.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
     if not 0 <= config.metrics.port < 65536:
         raise ConfigError(f"metrics.port = {config.metrics.port}: must be in [0, 65535]")
     if not 0.0 <= config.engine.kv_reserve_fraction < 1.0:
@@ -195,8 +219,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     for assignment in overrides:
         apply_override(data, assignment)
     try:

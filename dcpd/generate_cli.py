@@ -10,7 +10,10 @@ from dcpd.offline import parse_prompt_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="the daemon's frontend")
+    parser.add_argument(
+        "--endpoint", "--frontend", dest="endpoint", default="tcp://127.0.0.1:5557",
+        help="the daemon's frontend (the endpoint `serve --frontend` / `cluster --frontend` bound)",
+    )  # fmt: skip
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--prompt-ids", action="append", default=[], type=parse_prompt_ids, help="1,2,3 (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=16)

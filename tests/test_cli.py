@@ -78,12 +78,6 @@ def test_run_errors_are_clear() -> None:
 
 
 def test_cluster_and_role_arguments_are_checked() -> None:
-    import subprocess
-    import sys
-
-    def dcpd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dcpd.cli", *args], capture_output=True, text=True, timeout=120)
-
     proc = dcpd("cluster", "--prefill", "0")
     assert proc.returncode == 2 and "--prefill and --decode must be >= 1" in proc.stderr
     proc = dcpd("cluster", "--set", "disagg.max_attempts=0")
@@ -92,3 +86,60 @@ def test_cluster_and_role_arguments_are_checked() -> None:
     assert proc.returncode == 2 and "--demo needs the unified role" in proc.stderr
     proc = dcpd("serve", "--role", "decode", "--set", 'disagg.kv_endpoint="udp://x"')
     assert proc.returncode == 78 and "disagg.kv_endpoint" in proc.stderr
+
+
+def test_bad_values_and_unusable_resources_give_one_line_and_the_right_status(tmp_path) -> None:
+    """Values that pass the types but cannot work are configuration errors (78, one line naming the
+    key), found before a model is loaded or a child started; a busy port or address is exit 1."""
+    for args, says in [
+        (("serve", "--set", "server.send_hwm=-5"), "server.send_hwm = -5: must be >= 0"),
+        (("serve", "--set", "engine.threads=-1"), "engine.threads = -1: must be >= 0"),
+        (("serve", "--set", 'model.device="tpu"'), "model.device = 'tpu': must be 'cpu', 'cuda' or 'cuda:N'"),
+        (("serve", "--set", 'model.device="cuda:99"'), "model.device = 'cuda:99': "),
+        (("serve", "--frontend", "tcp://127.0.0.1:http"), "the port a number in [0, 65535]"),
+        (("serve", "--set", "engine.kv_cache_mb=100000000"), "cannot allocate a KV cache of 100000000 MiB"),
+        (("check-config", str(tmp_path)), "cannot read (Is a directory)"),
+        (("cluster", "--model", "/nonexistent"), "model directory /nonexistent does not exist"),
+        (("cluster", "--frontend", "foo"), "server.frontend = 'foo'"),
+    ]:
+        proc = dcpd(*args)
+        assert proc.returncode == 78 and says in proc.stderr, (args, proc.returncode, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = dcpd("cluster", "--ready-timeout", "0")
+    assert proc.returncode == 2 and "--ready-timeout must be > 0" in proc.stderr
+    (tmp_path / "m.toml").write_text('[model]\npath = "/nonexistent"\n')  # what ExecStartPre runs
+    proc = dcpd("check-config", str(tmp_path / "m.toml"))
+    assert proc.returncode == 78 and "model directory /nonexistent does not exist" in proc.stderr
+
+
+def test_a_second_daemon_on_a_live_ipc_address_is_refused_not_a_silent_takeover() -> None:
+    """libzmq binds an ipc path by unlinking the file there: a second daemon would take the address from
+    a running one, which then serves no one. It is refused (exit 1); the first keeps serving. A port
+    the metrics exporter cannot bind is exit 1 with one error, not a traceback."""
+    import signal
+    import socket
+    import tempfile
+
+    from dcpd.client import Client
+
+    with tempfile.TemporaryDirectory(prefix="dtk", dir="/tmp") as tmp, socket.socket() as busy:
+        endpoint = f"ipc://{tmp}/f"
+        serve = [sys.executable, "-m", "dcpd.cli", "serve", "--frontend", endpoint, "--set", "metrics.enabled=false"]
+        first = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(endpoint, timeout=120) as client:
+                assert client.health() == "serving"
+                second = dcpd("serve", "--frontend", endpoint, "--set", "metrics.enabled=false")
+                assert second.returncode == 1
+                assert "another process is listening there" in second.stdout + second.stderr
+                assert client.health() == "serving"  # still the first one's address
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            third = dcpd("serve", "--frontend", f"ipc://{tmp}/g", "--set", f"metrics.port={port}")
+            out = third.stdout + third.stderr
+            assert third.returncode == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in out, out[-2000:]
+            assert "Traceback" not in out
+        finally:
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 0

@@ -155,3 +155,29 @@ def test_cluster_is_token_identical_to_offline(
     assert code == 0, cluster.log()[-3000:]
     for pid in [p for group in cluster.ready["pids"].values() for p in group]:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_peer_that_dies_is_started_again_and_the_cluster_keeps_serving(reference) -> None:
+    """kill -9 of the only decode peer: the cluster starts it again (the router takes the new process
+    for a restart), requests are served again, every pool comes back free, and SIGTERM still ends the
+    cluster cleanly (exit 0). Before, the cluster ran on with no decode peer, answering `unavailable`."""
+    cluster = ClusterProcess(1, 1)
+    try:
+        [old] = cluster.ready["pids"]["decode"]
+        os.kill(old, signal.SIGKILL)
+        with Client(cluster.frontend, timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                stats = client.stats()
+                pids = [v for k, v in stats.items() if k.endswith(".pid") and stats[k[:-4] + ".role"] == "decode"]
+                if stats["decode_peers"] == 1 and pids and pids[0] != old:
+                    break
+                assert time.monotonic() < deadline, f"no new decode peer: {stats}"
+                time.sleep(0.2)
+            params = dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+            assert client.generate(prompt_ids=prompts()[6], **params).result().token_ids == reference[6]
+            wait_pools_free(client)
+        assert '"event": "peer exited; started again"' in cluster.log()
+    finally:
+        code = cluster.stop()
+    assert code == 0, cluster.log()[-3000:]

@@ -526,3 +526,30 @@ def test_a_prefill_peer_refuses_a_key_it_has_used_and_a_message_for_the_other_ro
                 router.close(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_a_peer_the_router_never_answers_says_so_every_ten_seconds() -> None:
+    from structlog.testing import capture_logs
+
+    from dcpd.disagg.peer import UNANSWERED_WARNING_S
+
+    async def scenario() -> list[dict]:
+        with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
+            under = DecodeUnderTest(tmp, ctx)  # its ROUTER never answers
+            try:
+                start = under.peer.last_heard
+                with capture_logs() as logs:
+                    for seconds in (
+                        1,
+                        UNANSWERED_WARNING_S + 1,
+                        UNANSWERED_WARNING_S + 2,
+                        2 * UNANSWERED_WARNING_S + 2,
+                    ):
+                        under.peer._warn_if_unanswered(start + seconds)
+                return logs
+            finally:
+                under.close()
+
+    logs = asyncio.run(scenario())
+    assert [entry["event"] for entry in logs] == ["no answer from the router yet; still registering"] * 2
+    assert [entry["silent_s"] for entry in logs] == [UNANSWERED_WARNING_S + 1, 2 * UNANSWERED_WARNING_S + 2]

@@ -4,10 +4,14 @@ Each child is an ordinary `dcpd serve --role ...` process (so `ps` shows each
 role), connected over ipc:// sockets in a private runtime directory (or tcp
 loopback ports with `--kv-transport tcp`). The cluster is ready once every
 peer has registered with the router; it then prints one JSON line (frontend,
-child pids) and notifies systemd. SIGTERM/SIGINT drain it: the router first
-(it finishes in-flight requests, which needs the peers), then the peers. If
-the router dies the cluster stops; a peer that dies is only logged (the router
-retries its requests elsewhere).
+child pids) and notifies systemd (the children's own notifications are not
+passed up: the cluster is the unit's main process, and it feeds the watchdog).
+SIGTERM/SIGINT drain it: the router first (it finishes in-flight requests,
+which needs the peers), then the peers. If the router dies the cluster stops.
+A peer that dies is started again (the router retries its requests on the
+others meanwhile, and takes the new process for a restart), unless it exited
+with a configuration error (the cluster stops with 78) or died more than
+RESTART_BURST times within RESTART_WINDOW_S (the cluster stops with 1).
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dcpd.client import Client, DcpdError
-from dcpd.config import EX_CONFIG, ConfigError, load_config
-from dcpd.server.sdnotify import Notifier
+from dcpd.config import EX_CONFIG, ConfigError, connectable, load_config
+from dcpd.server.sdnotify import Notifier, watchdog_interval_s
+
+RESTART_BURST = 5  # a peer restarted this often ...
+RESTART_WINDOW_S = 60.0  # ... within this long is given up on
+# What systemd gives the unit's main process, kept from the children: it is the cluster's to answer.
+SYSTEMD_ONLY_FOR_US = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +58,8 @@ class Child:
     role: str
     name: str
     proc: subprocess.Popen
+    extra: tuple[str, ...]  # its own `--set` items (to start it again the same way)
+    restarts: list[float] = field(default_factory=list)  # when it was started again
 
 
 def _free_port() -> int:
@@ -87,8 +98,16 @@ class Cluster:
         self.children: list[Child] = []
         self.stopping = False
         self.force = False  # a second signal: kill the children now
+        self.notifier = Notifier()
+        self.watchdog_s = watchdog_interval_s()
+        self.last_watchdog = 0.0
 
     def _spawn(self, role: str, name: str, *extra: str) -> Child:
+        child = Child(role, name, self._popen(role, name, extra), extra)
+        self.children.append(child)
+        return child
+
+    def _popen(self, role: str, name: str, extra: tuple[str, ...]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "dcpd.cli", "serve", "--role", role]
         if self.args.config:
             cmd += ["--config", self.args.config]
@@ -98,12 +117,16 @@ class Cluster:
                 f"disagg.peer_name={json.dumps(name)}", *extra]  # fmt: skip
         for item in sets:
             cmd += ["--set", item]
+        env = {key: value for key, value in os.environ.items() if key not in SYSTEMD_ONLY_FOR_US}
         # children log to our stderr (their JSON lines carry role and name); our stdout has the ready line
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True,
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True, env=env,
                                 preexec_fn=_die_with_parent(os.getpid()))  # fmt: skip
-        child = Child(role, name, proc)
-        self.children.append(child)
-        return child
+
+    def feed_watchdog(self) -> None:
+        now = time.monotonic()
+        if self.watchdog_s and now - self.last_watchdog >= self.watchdog_s:
+            self.notifier.notify("WATCHDOG=1")
+            self.last_watchdog = now
 
     def start(self) -> None:
         self._spawn("router", "router", f"server.frontend={json.dumps(self.frontend)}")
@@ -116,24 +139,32 @@ class Cluster:
                 kv = f"ipc://{self.runtime}/kv-{i}"
             self._spawn("decode", f"decode-{i}", f"disagg.kv_endpoint={json.dumps(kv)}")
 
-    def wait_ready(self, timeout: float) -> bool:
+    def wait_ready(self, timeout: float) -> int | None:
+        """None once every peer has registered; else the exit status (after stopping everything)."""
         deadline = time.monotonic() + timeout
-        with Client(self.frontend, timeout=2.0) as client:
+        with Client(connectable(self.frontend), timeout=2.0) as client:
             while time.monotonic() < deadline and not self.stopping:
+                self.feed_watchdog()
                 for child in self.children:
                     if child.proc.poll() is not None:
-                        _log("child exited before the cluster was ready", role=child.role, name=child.name,
-                             exit_code=child.proc.returncode)  # fmt: skip
-                        return False
+                        code = child.proc.returncode
+                        _log("child exited before the cluster was ready; stopping", role=child.role,
+                             name=child.name, exit_code=code)  # fmt: skip
+                        self.stop()
+                        return EX_CONFIG if code == EX_CONFIG else 1
                 try:
                     stats = client.stats()
                 except DcpdError:
                     time.sleep(0.2)
                     continue
                 if stats.get("prefill_peers") == self.args.prefill and stats.get("decode_peers") == self.args.decode:
-                    return True
+                    return None
                 time.sleep(0.2)
-        return False
+        if self.stopping:  # a signal: a clean stop
+            return self.stop()
+        _log("cluster not ready in time; stopping", timeout_s=timeout)
+        self.stop()
+        return 1
 
     def describe(self) -> dict[str, object]:
         pids: dict[str, list[int]] = {}
@@ -142,25 +173,42 @@ class Cluster:
         return {"frontend": self.frontend, "router_endpoint": self.router_endpoint, "pids": pids}
 
     def supervise(self) -> int:
-        """Until a signal: watch the children. Returns the exit status."""
+        """Until a signal: watch the children, start dead peers again. Returns the exit status."""
         router = self.children[0]
-        reported: set[int] = set()
         while not self.stopping:
+            self.feed_watchdog()
             if router.proc.poll() is not None:
                 _log("router exited; stopping the cluster", exit_code=router.proc.returncode)
                 self.stop()
                 return 1
             for child in self.children[1:]:
-                if child.proc.poll() is not None and child.proc.pid not in reported:
-                    reported.add(child.proc.pid)
-                    _log("peer exited", role=child.role, name=child.name, exit_code=child.proc.returncode)
+                if child.proc.poll() is not None and (status := self._peer_died(child)) is not None:
+                    self.stop()
+                    return status
             time.sleep(0.2)
         return self.stop()
+
+    def _peer_died(self, child: Child) -> int | None:
+        """Start a dead peer again; or, when that cannot help, the cluster's exit status."""
+        code = child.proc.returncode
+        if code == EX_CONFIG:
+            _log("peer exited with a configuration error; stopping the cluster", role=child.role, name=child.name)
+            return EX_CONFIG
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+        if len(child.restarts) >= RESTART_BURST:
+            _log("peer keeps dying; stopping the cluster", role=child.role, name=child.name, exit_code=code,
+                 restarts=len(child.restarts), window_s=RESTART_WINDOW_S)  # fmt: skip
+            return 1
+        child.restarts.append(now)
+        child.proc = self._popen(child.role, child.name, child.extra)
+        _log("peer exited; started again", role=child.role, name=child.name, exit_code=code, pid=child.proc.pid)
+        return None
 
     def stop(self) -> int:
         """Drain: the router first, then the peers. One budget for all (two drains + margin); whatever
         outlives it, or everything after a second signal, gets SIGKILL."""
-        Notifier().notify("STOPPING=1")
+        self.notifier.notify("STOPPING=1")
         deadline = time.monotonic() + 2 * self.drain_timeout_s + 20
         status = 0
         groups = [self.children[:1], self.children[1:]]
@@ -175,7 +223,7 @@ class Cluster:
                     _log("child did not drain in time; killed", role=child.role, name=child.name)
                     child.proc.kill()
                 code = child.proc.wait()
-                if code != 0:  # a peer killed earlier counts too: the cluster did not end cleanly
+                if code not in (0, -signal.SIGTERM):  # (SIGTERM before its handler was set: still starting)
                     status = status or (code if code > 0 else 1)
         shutil.rmtree(self.runtime, ignore_errors=True)
         _log("cluster stopped", exit_code=status)
@@ -186,12 +234,25 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         print("dcpd cluster: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
+    if args.ready_timeout <= 0:
+        print("dcpd cluster: --ready-timeout must be > 0", file=sys.stderr)
+        return 2
+    frontend = [f"server.frontend={json.dumps(args.frontend)}"] if args.frontend else []
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, [*args.overrides, *frontend])
     except ConfigError as exc:
         print(f"dcpd cluster: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    cluster = Cluster(args, args.frontend or config.server.frontend, config.server.drain_timeout_s)
+    if model := args.model or config.model.path:  # one clear line here, not one per child
+        from dcpd.model.config import ModelLoadError
+        from dcpd.model.loader import load_model_spec
+
+        try:
+            load_model_spec(model)
+        except ModelLoadError as exc:
+            print(f"dcpd cluster: bad config: model: {exc}", file=sys.stderr)
+            return EX_CONFIG
+    cluster = Cluster(args, config.server.frontend, config.server.drain_timeout_s)
 
     def on_signal(signum: int, _frame: object) -> None:
         cluster.force = cluster.stopping  # a second signal while draining: kill now
@@ -200,11 +261,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     cluster.start()
-    if not cluster.wait_ready(args.ready_timeout):
-        if not cluster.stopping:
-            _log("cluster not ready in time; stopping", timeout_s=args.ready_timeout)
-        cluster.stop()
-        return 0 if cluster.stopping else 1
+    if (status := cluster.wait_ready(args.ready_timeout)) is not None:
+        return status
     print(json.dumps({"event": "cluster ready", **cluster.describe()}), flush=True)
-    Notifier().notify("READY=1", f"STATUS=cluster serving on {cluster.frontend}")
+    cluster.notifier.notify("READY=1", f"STATUS=cluster serving on {cluster.frontend}")
     return cluster.supervise()

@@ -18,6 +18,7 @@ import zmq
 
 from dcpd.disagg.transfer import KVAck, KVReceiver
 from dcpd.kv.cache import PagedKVCache
+from dcpd.server.endpoint import bind
 
 log = structlog.get_logger("dcpd.ingest")
 
@@ -31,7 +32,7 @@ def bind_kv_socket(context: zmq.Context, cache: PagedKVCache, endpoint: str) -> 
     sock.setsockopt(zmq.RCVHWM, 0)  # flow control is the reservation, not a message count
     sock.setsockopt(zmq.MAXMSGSIZE, cache.num_blocks * cache.block_size * cache.head_dim * cache.kv.element_size())
     try:
-        sock.bind(endpoint)
+        bind(sock, endpoint)
     except zmq.ZMQError:
         sock.close(linger=0)
         raise

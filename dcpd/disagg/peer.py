@@ -38,6 +38,7 @@ log = structlog.get_logger("dcpd.peer")
 # After a step that could schedule nothing, the longest the engine loop waits for an operation that
 # frees blocks before trying again (they wake it at once; this only bounds a wake-up gone missing).
 NOTHING_SCHEDULED_RECHECK_S = 0.1
+UNANSWERED_WARNING_S = 10.0  # how often a peer the router does not answer says so
 
 
 def peer_name(config: Config) -> str:
@@ -59,6 +60,7 @@ class PeerService(Service):
         self.epoch = 0
         self.boot = secrets.token_hex(8)
         self.last_heard = time.monotonic()
+        self.last_warned = self.last_heard
         self.ops: list[Callable[[], None]] = []  # applied between steps, in order
         self.work = asyncio.Event()
 
@@ -157,12 +159,21 @@ class PeerService(Service):
             if self.registered:
                 self._send(m.Heartbeat(load=self.load()))
             else:
+                self._warn_if_unanswered(time.monotonic())
                 self._send(m.Register(name=self.name, role=self.role, layout=self.layout,  # type: ignore[arg-type]
                                       kv_endpoint=self.kv_endpoint(), load=self.load(), pid=os.getpid(),
                                       epoch=self.epoch, boot=self.boot))  # fmt: skip
             self.housekeeping()
             self.worker.update_gauges(self.metrics)
             await asyncio.sleep(d.heartbeat_interval_s)
+
+    def _warn_if_unanswered(self, now: float) -> None:
+        """While registering: a warning every UNANSWERED_WARNING_S without a word from the router."""
+        silent = now - self.last_heard
+        if silent >= UNANSWERED_WARNING_S and now - self.last_warned >= UNANSWERED_WARNING_S:
+            self.last_warned = now
+            log.warning("no answer from the router yet; still registering",
+                        router=self.config.disagg.router_endpoint, silent_s=round(silent, 1))  # fmt: skip
 
     def _lost_router(self, why: str) -> None:
         self.registered = False

@@ -39,6 +39,7 @@ from dcpd.engine import RequestError, SamplingParams
 from dcpd.engine.request import check_prompt
 from dcpd.model.loader import ModelSpec
 from dcpd.server import protocol as p
+from dcpd.server.endpoint import bind
 from dcpd.server.frontend import ClientRequest, Frontend
 
 log = structlog.get_logger("dcpd.router")
@@ -111,13 +112,13 @@ class Router(Frontend):
     def open(self) -> None:
         super().open()
         sock = m.control_socket(self.zmq_context, zmq.ROUTER)
+        self.peer_socket = sock  # closed by close() even when an option or the bind fails
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead peer fails at once
         # A restarted peer connects with its old name before we notice the old connection is gone: the
         # new connection takes the name over (without this, libzmq drops it and its Register is lost).
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.server.max_message_bytes)  # peers send only small messages
-        self.peer_socket = sock
-        sock.bind(self.config.disagg.router_endpoint)
+        bind(sock, self.config.disagg.router_endpoint)
 
     def close(self) -> None:
         super().close()

@@ -24,6 +24,10 @@ from dcpd.batch import DCPPlanConfig
 from dcpd.kv.block_pool import BlockPool
 
 
+class KVCacheAllocationError(ValueError):
+    """The KV cache asked for does not fit in the device's memory (a configuration error)."""
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -54,9 +58,15 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         # Zero-filled so that never-written slots hold finite values.
-        self.kv = torch.zeros(
-            (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=self.device
-        )
+        shape = (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim)
+        try:
+            self.kv = torch.zeros(shape, dtype=dtype, device=self.device)
+        except RuntimeError as exc:  # torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU
+            size = num_blocks * self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+            raise KVCacheAllocationError(
+                f"cannot allocate a KV cache of {size / 2**20:.0f} MiB on {self.device} "
+                f"({str(exc).strip().splitlines()[-1]})"
+            ) from None
         self.pool = BlockPool(num_blocks, reserve_blocks)
 
     @staticmethod

@@ -20,6 +20,7 @@ from dcpd.config import Config
 from dcpd.engine import RequestError, SamplingParams
 from dcpd.model.tokenizer import Tokenizer
 from dcpd.server import protocol as p
+from dcpd.server.endpoint import bind
 from dcpd.server.service import Service
 
 log = structlog.get_logger("dcpd.frontend")
@@ -76,13 +77,13 @@ class Frontend(Service):
     def open(self) -> None:
         server = self.config.server
         sock = self.zmq_context.socket(zmq.ROUTER)
+        self.socket = sock  # closed by close() even when an option or the bind fails
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # fail loudly instead of dropping replies to gone peers
         sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, server.send_hwm)
         sock.setsockopt(zmq.RCVHWM, server.recv_hwm)
         sock.setsockopt(zmq.LINGER, 0)
-        self.socket = sock
-        sock.bind(server.frontend)
+        bind(sock, server.frontend)
 
     def close(self) -> None:
         if self.socket is not None:

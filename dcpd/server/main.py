@@ -45,6 +45,7 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvloop
 
+    from dcpd.kv.cache import KVCacheAllocationError
     from dcpd.model.config import ModelLoadError
     from dcpd.offline import load
     from dcpd.server.daemon import Daemon
@@ -59,6 +60,9 @@ def serve(args: argparse.Namespace) -> int:
             structlog.contextvars.bind_contextvars(peer=config.disagg.peer_name)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
+    if config.server.role != "router" and (problem := _device_problem(config.model.device)):  # routers compute nothing
+        print(f"dcpd: bad config: model.device = {config.model.device!r}: {problem}", file=sys.stderr)
+        return EX_CONFIG
     role = config.server.role
     try:
         if role == "router":
@@ -81,6 +85,9 @@ def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except KVCacheAllocationError as exc:
+        print(f"dcpd: bad config: engine.kv_cache_mb = {config.engine.kv_cache_mb}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -88,11 +95,34 @@ def serve(args: argparse.Namespace) -> int:
     return uvloop.run(daemon.serve(demo))
 
 
+def _device_problem(device: str) -> str | None:
+    """Why this torch cannot use `device` ('cpu', 'cuda' or 'cuda:N'), or None."""
+    import torch
+
+    if device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return "this torch build or machine has no usable CUDA device"
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return f"there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        config = load_config(args.file)
     except ConfigError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if config.model.path:  # its config.json and tokenizer, without loading weights
+        from dcpd.model.config import ModelLoadError
+        from dcpd.model.loader import load_model_spec
+
+        try:
+            load_model_spec(config.model.path)
+        except ModelLoadError as exc:
+            print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
+            return EX_CONFIG
     print(f"{args.file}: OK")
     return 0

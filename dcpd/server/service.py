@@ -75,6 +75,16 @@ class Service:
         """The step is stuck and the process is about to exit: tell whoever waits on it."""
 
     # -- lifecycle ----------------------------------------------------------------------------------
+    def _fail_to_start(self, what: str, exc: Exception, extra: list[Coroutine[Any, Any, None]] | None) -> int:
+        """One error line, every socket closed, exit status 1."""
+        log.error(what, error=str(exc), **self.describe())
+        self.close()
+        self.zmq_context.term()
+        self.shutdown()
+        for coro in extra or []:
+            coro.close()
+        return 1
+
     async def serve(self, extra: list[Coroutine[Any, Any, None]] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,14 +92,13 @@ class Service:
         try:
             self.open()
         except zmq.ZMQError as exc:
-            log.error("cannot bind or connect a socket", error=str(exc), **self.describe())
-            self.close()
-            self.zmq_context.term()
-            for coro in extra or []:
-                coro.close()
-            return 1
+            return self._fail_to_start("cannot bind or connect a socket", exc, extra)
         if self.config.metrics.enabled:
-            self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            metrics = self.config.metrics
+            try:
+                self.metrics_port = self.metrics.serve(metrics.host, metrics.port)
+            except OSError as exc:  # the port in use, an unknown host
+                return self._fail_to_start(f"cannot serve metrics on {metrics.host}:{metrics.port}", exc, extra)
         tasks = [asyncio.create_task(coro) for coro in self.tasks()]
         interval = watchdog_interval_s()
         if interval:
