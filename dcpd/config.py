@@ -116,9 +116,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 
 WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
+EPHEMERAL_PORTS = ("*", "!")  # ZeroMQ's "bind to any free port"
 
 
 IPC_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (Linux)
+
+
+def _tcp_host_port(endpoint: str) -> tuple[str, str] | None:
+    """(host, port) of a tcp:// endpoint, else None."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host, port
 
 
 def unbindable(endpoint: str) -> str | None:
@@ -130,11 +139,11 @@ def unbindable(endpoint: str) -> str | None:
         if (size := len(path.encode())) > IPC_PATH_MAX:
             return f"an ipc path may have at most {IPC_PATH_MAX} bytes (the socket address limit); this has {size}"
         return None
-    if not endpoint.startswith("tcp://"):
+    if (tcp := _tcp_host_port(endpoint)) is None:
         return "must start with tcp:// or ipc://"
-    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        return "a tcp endpoint needs host:port, the port a number in [0, 65535]"
+    host, port = tcp
+    if not host or not (port in EPHEMERAL_PORTS or (port.isdigit() and int(port) <= 65535)):
+        return "a tcp endpoint needs host:port, the port a number in [0, 65535] (or * for any free one)"
     return None
 
 
@@ -143,18 +152,20 @@ def unconnectable(endpoint: str) -> str | None:
     kv_endpoint and also gives it to prefill peers to connect to, so it must name a reachable host."""
     if problem := unbindable(endpoint):
         return problem
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0] if endpoint.startswith("tcp://") else None
-    if host in WILDCARD_HOSTS:
-        return f"prefill peers connect to this address, so it needs a host they can reach, not {host!r}"
+    if (tcp := _tcp_host_port(endpoint)) is not None:
+        host, port = tcp
+        if host in WILDCARD_HOSTS:
+            return f"prefill peers connect to this address, so it needs a host they can reach, not {host!r}"
+        if port in EPHEMERAL_PORTS:
+            return "prefill peers connect to this address, so it needs a fixed port"
     return None
 
 
 def connectable(endpoint: str) -> str:
     """An address a local client can connect to for a bind endpoint (a wildcard host becomes loopback)."""
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-        if host in WILDCARD_HOSTS:
-            return f"tcp://127.0.0.1:{port}"
+    tcp = _tcp_host_port(endpoint)
+    if tcp is not None and tcp[0] in WILDCARD_HOSTS:
+        return f"tcp://127.0.0.1:{tcp[1]}"
     return endpoint
 
 

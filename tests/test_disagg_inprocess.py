@@ -146,6 +146,25 @@ def test_a_full_decode_peer_refuses_up_front() -> None:
     assert decode.kv_cache.pool.num_free == decode.kv_cache.num_blocks
 
 
+def test_a_local_request_does_not_take_the_reserve_while_kv_is_reserved_for_others() -> None:
+    """The reserve is for running requests to grow into, reserved KV included (it becomes running on
+    arrival): a request prefilled on the decode peer itself waits for blocks beyond it instead of
+    taking it, even with nothing running; once the reservation is gone, it runs."""
+    from dcpd.batch import DCPPlanConfig
+    from dcpd.kv.cache import PagedKVCache
+
+    cfg = MODEL.config
+    block = PagedKVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    decode = LLMEngine(MODEL, DCPPlanConfig(kv_cache_bytes=20 * block, kv_reserve_fraction=0.2))
+    decode.reserve_blocks("incoming", 16 * 15)  # 5 blocks left, 4 of them the reserve
+    local = decode.add_request(prompts()[2] * 3, FIRST_TOKEN)  # 48 tokens: 3 blocks
+    assert decode.step() == [] and decode.kv_cache.pool.num_used == 15
+    decode.cancel_reservation("incoming")
+    drain(decode)
+    assert decode.requests[local].finish_reason == FinishReason.LENGTH
+    assert decode.kv_cache.pool.num_used == 0
+
+
 def test_a_prompt_that_could_never_be_reserved_is_refused_not_kv_full() -> None:
     """Reservations never take the reserve, so a prompt needing more blocks than lie beyond it would
     be refused as kv_full for ever (and wait out the router's queue): it is an invalid request."""

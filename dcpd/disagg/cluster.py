@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dcpd.client import Client, DcpdError
-from dcpd.config import EX_CONFIG, ConfigError, connectable, load_config
+from dcpd.config import EPHEMERAL_PORTS, EX_CONFIG, ConfigError, connectable, load_config
 from dcpd.server.sdnotify import Notifier, watchdog_interval_s
 
 RESTART_BURST = 5  # a peer restarted this often ...
@@ -252,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
         except ModelLoadError as exc:
             print(f"dcpd cluster: bad config: model: {exc}", file=sys.stderr)
             return EX_CONFIG
+    if connectable(config.server.frontend).rpartition(":")[2] in EPHEMERAL_PORTS:
+        print("dcpd cluster: --frontend needs a fixed port: clients must know where to connect", file=sys.stderr)
+        return 2
     cluster = Cluster(args, config.server.frontend, config.server.drain_timeout_s)
 
     def on_signal(signum: int, _frame: object) -> None:

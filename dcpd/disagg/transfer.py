@@ -513,6 +513,7 @@ class KVReceiver:
 
     def serve_once(self, socket: zmq.Socket, timeout_ms: int = -1) -> KVAck | None:
         """Receive one message on a ROUTER socket, store it, and send the ack (if any) back."""
+        self.last_ended = None
         if timeout_ms >= 0 and not socket.poll(timeout_ms):
             return None
         identity = socket.recv()

@@ -169,11 +169,12 @@ class LLMEngine:
         if request_id in self.reserved or request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         pool, needed = self.kv_cache.pool, self.block_manager.blocks_for(num_tokens)
-        if needed > pool.num_blocks - pool.reserve_blocks:  # would be refused as kv_full for ever
+        reservable = pool.num_blocks - pool.reserve_blocks
+        if needed > reservable:  # would be refused as kv_full for ever
             raise RequestError(
                 f"a prompt of {num_tokens} tokens needs {needed} KV blocks reserved; this decode peer reserves "
-                f"at most {pool.num_blocks - pool.reserve_blocks} of its {pool.num_blocks} (the other "
-                f"{pool.reserve_blocks} are kept for running requests to grow into)"
+                f"at most {reservable} of its {pool.num_blocks} (the other {pool.reserve_blocks} are kept for "
+                "running requests to grow into)"
             )
         blocks = pool.allocate(needed)
         self.reserved[request_id] = blocks

@@ -6,7 +6,7 @@ Order of business each step:
      a request that cannot get the KV blocks it needs preempts the newest running
      request (its blocks are freed; it is recomputed later) until it fits;
   2. waiting requests, first come first served, while budget and blocks (beyond
-     the reserve, unless nothing is running) remain: their first prefill chunk.
+     the reserve, unless no block is in use) remain: their first prefill chunk.
 A long prompt is split into chunks that share steps with decodes (MIXED batches).
 """
 
@@ -107,9 +107,11 @@ class Scheduler:
             target = req.num_computed_tokens + n
             # A hold_kv (prefill-only) request takes its whole prompt now, the reserve included: it never
             # grows later, so it never has to preempt anyone, nor be preempted, while its KV streams out.
-            # With nothing running, the reserve protects no one: a first chunk bigger than the blocks
-            # beyond it (a prompt, or a preempted request's recompute, near the whole cache) may use it.
-            need, reserve = (req.num_prompt_tokens, True) if req.hold_kv else (target, not self.running)
+            # With no block in use, the reserve protects no one (no running request, nor KV reserved to
+            # become one): a first chunk bigger than the blocks beyond it (a prompt, or a preempted
+            # request's recompute, near the whole cache) may use it.
+            idle = not self.running and self.blocks.pool.num_used == 0
+            need, reserve = (req.num_prompt_tokens, True) if req.hold_kv else (target, idle)
             if not self.blocks.can_grow(req, need, use_reserve=reserve):
                 break
             self.blocks.grow(req, need, use_reserve=reserve)

@@ -24,8 +24,8 @@ from dcpd.batch import DCPPlanConfig
 from dcpd.kv.block_pool import BlockPool
 
 
-class KVCacheAllocationError(ValueError):
-    """The KV cache asked for does not fit in the device's memory (a configuration error)."""
+class KVCacheAllocationError(RuntimeError):
+    """The KV cache asked for does not fit in the device's memory (now, at least)."""
 
 
 class PagedKVCache:
@@ -65,7 +65,7 @@ class PagedKVCache:
             size = num_blocks * self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
             raise KVCacheAllocationError(
                 f"cannot allocate a KV cache of {size / 2**20:.0f} MiB on {self.device} "
-                f"({str(exc).strip().splitlines()[-1]})"
+                f"({(str(exc).strip().splitlines() or [type(exc).__name__])[-1]})"
             ) from None
         self.pool = BlockPool(num_blocks, reserve_blocks)
 

@@ -60,9 +60,10 @@ def serve(args: argparse.Namespace) -> int:
             structlog.contextvars.bind_contextvars(peer=config.disagg.peer_name)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
+    # Not 78: a driver not up yet at boot, or memory another process holds for a moment, may pass.
     if config.server.role != "router" and (problem := _device_problem(config.model.device)):  # routers compute nothing
-        print(f"dcpd: bad config: model.device = {config.model.device!r}: {problem}", file=sys.stderr)
-        return EX_CONFIG
+        print(f"dcpd: model.device = {config.model.device!r}: {problem}", file=sys.stderr)
+        return 1
     role = config.server.role
     try:
         if role == "router":
@@ -86,8 +87,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
         return EX_CONFIG
     except KVCacheAllocationError as exc:
-        print(f"dcpd: bad config: engine.kv_cache_mb = {config.engine.kv_cache_mb}: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        print(f"dcpd: engine.kv_cache_mb = {config.engine.kv_cache_mb}: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
