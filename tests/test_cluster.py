@@ -181,3 +181,27 @@ def test_a_peer_that_dies_is_started_again_and_the_cluster_keeps_serving(referen
     finally:
         code = cluster.stop()
     assert code == 0, cluster.log()[-3000:]
+
+
+def test_a_peer_that_keeps_dying_stops_the_cluster_with_status_1() -> None:
+    """Started again at most 5 times in 60 s: the sixth death of the same peer stops the cluster (exit 1)
+    rather than restarting it for ever, and every child goes."""
+    cluster = ClusterProcess(1, 1)
+    try:
+        pid = cluster.ready["pids"]["decode"][0]
+        for restart in range(6):
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while restart < 5:  # the new pid, from the cluster's log line
+                lines = [json.loads(line) for line in cluster.log().splitlines() if "started again" in line]
+                if len(lines) == restart + 1:
+                    pid = lines[-1]["pid"]
+                    break
+                assert time.monotonic() < deadline, cluster.log()[-3000:]
+                time.sleep(0.05)
+        assert cluster.proc.wait(60) == 1
+        assert '"event": "peer keeps dying; stopping the cluster"' in cluster.log()
+    finally:
+        cluster.stop()
+    for pid in [p for group in cluster.ready["pids"].values() for p in group]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
