@@ -506,7 +506,8 @@ def test_a_peer_refuses_a_router_of_another_version_and_messages_for_the_other_r
 def test_a_prefill_peer_refuses_a_key_it_has_used_and_a_message_for_the_other_role() -> None:
     """A Prefill reusing the key of a cancelled attempt would have its KV dropped by the pusher (it
     takes the chunks for the cancelled attempt's) and fail only at the lease: it is refused at once.
-    A Reserve sent to a prefill peer is refused as an invalid request."""
+    A duplicate Prefill while draining does not fail the attempt still running. A Reserve sent to a
+    prefill peer is refused as an invalid request."""
 
     async def scenario() -> None:
         from dcpd.config import load_config
@@ -533,6 +534,14 @@ def test_a_prefill_peer_refuses_a_key_it_has_used_and_a_message_for_the_other_ro
                 reply = next_reply()
                 assert isinstance(reply, m.PrefillDone) and reply.key == "k" and not reply.ok
                 assert "key 'k' was already used on this prefill peer" in reply.error
+                running = m.Prefill(key="d", prompt_ids=prompts()[3], sampling=SamplingOptions(temperature=0.0),
+                                    decode_peer="d", kv_endpoint=f"ipc://{tmp}/kv")  # fmt: skip
+                peer.handle(running)
+                peer.begin_drain("test")
+                assert isinstance(next_reply(), m.Heartbeat)  # the drain tells the router at once
+                peer.handle(running)  # a duplicate while draining: ignored, the attempt goes on
+                assert not router.poll(300) and "d" in peer.jobs
+                peer.handle(m.Cancel(key="d"))
                 peer.handle(m.Reserve(key="r", prompt_ids=[1, 2], sampling=SamplingOptions()))
                 reply = next_reply()
                 assert isinstance(reply, m.Reserved) and not reply.ok and reply.code == "invalid_request"
@@ -547,28 +556,31 @@ def test_a_prefill_peer_refuses_a_key_it_has_used_and_a_message_for_the_other_ro
     asyncio.run(scenario())
 
 
-def test_a_peer_the_router_never_answers_says_so_every_ten_seconds() -> None:
+def test_a_peer_the_router_never_answers_says_so_while_it_keeps_registering(monkeypatch) -> None:
+    """The heartbeat loop of a peer whose router never answers warns every UNANSWERED_WARNING_S (10 s;
+    0.3 s here) while it keeps sending Register."""
     from structlog.testing import capture_logs
 
-    from dcpd.disagg.peer import UNANSWERED_WARNING_S
+    import dcpd.disagg.peer
 
-    async def scenario() -> list[dict]:
+    monkeypatch.setattr(dcpd.disagg.peer, "UNANSWERED_WARNING_S", 0.3)
+
+    async def scenario() -> tuple[list[dict], int]:
         with tempfile.TemporaryDirectory(prefix="dps", dir="/tmp") as tmp, zmq.Context() as ctx:
-            under = DecodeUnderTest(tmp, ctx)  # its ROUTER never answers
+            under = DecodeUnderTest(tmp, ctx, "disagg.heartbeat_interval_s=0.05")  # its ROUTER never answers
             try:
-                start = under.peer.last_heard
                 with capture_logs() as logs:
-                    for seconds in (
-                        1,
-                        UNANSWERED_WARNING_S + 1,
-                        UNANSWERED_WARNING_S + 2,
-                        2 * UNANSWERED_WARNING_S + 2,
-                    ):
-                        under.peer._warn_if_unanswered(start + seconds)
-                return logs
+                    beating = asyncio.create_task(under.peer._heartbeat_loop())
+                    await asyncio.sleep(1.0)
+                    beating.cancel()
+                registers = 0
+                while under.router.poll(0):
+                    registers += isinstance(under.m.decode_peer(under.router.recv_multipart()[1]), under.m.Register)
+                return logs, registers
             finally:
                 under.close()
 
-    logs = asyncio.run(scenario())
-    assert [entry["event"] for entry in logs] == ["no answer from the router yet; still registering"] * 2
-    assert [entry["silent_s"] for entry in logs] == [UNANSWERED_WARNING_S + 1, 2 * UNANSWERED_WARNING_S + 2]
+    logs, registers = asyncio.run(scenario())
+    warnings = [entry for entry in logs if entry["event"] == "no answer from the router yet; still registering"]
+    assert 2 <= len(warnings) <= 4 and all(entry["silent_s"] >= 0.3 for entry in warnings)
+    assert registers >= 10
