@@ -211,10 +211,14 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"engine.step_timeout_s = {config.engine.step_timeout_s}: must be >= 0 (0: never)")
     if config.server.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s = {config.server.drain_timeout_s}: must be >= 0")
-    for key, value in (("server.send_hwm", config.server.send_hwm), ("server.recv_hwm", config.server.recv_hwm),
-                       ("engine.threads", config.engine.threads)):  # fmt: skip
+    zero_means = {
+        "server.send_hwm": (config.server.send_hwm, "no limit"),
+        "server.recv_hwm": (config.server.recv_hwm, "no limit"),
+        "engine.threads": (config.engine.threads, "the default"),
+    }
+    for key, (value, zero) in zero_means.items():
         if value < 0:
-            raise ConfigError(f"{key} = {value}: must be >= 0 (0: {'no limit' if 'hwm' in key else 'the default'})")
+            raise ConfigError(f"{key} = {value}: must be >= 0 (0: {zero})")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", config.model.device):
         raise ConfigError(f"model.device = {config.model.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
     if not 0 <= config.metrics.port < 65536:

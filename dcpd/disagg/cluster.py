@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from dcpd.client import Client, DcpdError
 from dcpd.config import EPHEMERAL_PORTS, EX_CONFIG, ConfigError, connectable, load_config
+from dcpd.server.main import model_problem
 from dcpd.server.sdnotify import Notifier, watchdog_interval_s
 
 RESTART_BURST = 5  # a peer restarted this often ...
@@ -243,15 +244,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dcpd cluster: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    if model := args.model or config.model.path:  # one clear line here, not one per child
-        from dcpd.model.config import ModelLoadError
-        from dcpd.model.loader import load_model_spec
-
-        try:
-            load_model_spec(model)
-        except ModelLoadError as exc:
-            print(f"dcpd cluster: bad config: model: {exc}", file=sys.stderr)
-            return EX_CONFIG
+    if (model := args.model or config.model.path) and (problem := model_problem(model)):  # one line, not one per child
+        print(f"dcpd cluster: bad config: model: {problem}", file=sys.stderr)
+        return EX_CONFIG
     if connectable(config.server.frontend).rpartition(":")[2] in EPHEMERAL_PORTS:
         print("dcpd cluster: --frontend needs a fixed port: clients must know where to connect", file=sys.stderr)
         return 2

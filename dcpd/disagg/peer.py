@@ -251,9 +251,7 @@ class PeerService(Service):
                 self.stopped.set()
                 return
             if not self.engine.has_unfinished():
-                self.work.clear()
-                if not self.ops:
-                    await self.work.wait()
+                await self._wait_for_work()
                 continue
             steps = self.engine.num_steps
             try:
@@ -267,9 +265,13 @@ class PeerService(Service):
                 self.metrics.steps.inc()
             elif not self.engine.last_preempted:
                 # Nothing could be scheduled: the blocks it needs are reserved for incoming KV or held
-                # for a transfer. What frees them comes as an operation between steps (which sets
-                # `work`); until one does, stepping again would only spin.
-                self.work.clear()
-                if not self.ops:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.work.wait(), NOTHING_SCHEDULED_RECHECK_S)
+                # for a transfer. What frees them comes as an operation between steps; until one
+                # does, stepping again would only spin.
+                await self._wait_for_work(NOTHING_SCHEDULED_RECHECK_S)
+
+    async def _wait_for_work(self, timeout: float | None = None) -> None:
+        """Until an operation is queued between steps (`between_steps` sets `work`), or `timeout`."""
+        self.work.clear()
+        if not self.ops:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.work.wait(), timeout)

@@ -96,6 +96,18 @@ def serve(args: argparse.Namespace) -> int:
     return uvloop.run(daemon.serve(demo))
 
 
+def model_problem(path: str) -> str | None:
+    """What is wrong with a model directory (its config.json and tokenizer; no weights are read), or None."""
+    from dcpd.model.config import ModelLoadError
+    from dcpd.model.loader import load_model_spec
+
+    try:
+        load_model_spec(path)
+    except ModelLoadError as exc:
+        return str(exc)
+    return None
+
+
 def _device_problem(device: str) -> str | None:
     """Why this torch cannot use `device` ('cpu', 'cuda' or 'cuda:N'), or None."""
     import torch
@@ -116,14 +128,8 @@ def check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dcpd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    if config.model.path:  # its config.json and tokenizer, without loading weights
-        from dcpd.model.config import ModelLoadError
-        from dcpd.model.loader import load_model_spec
-
-        try:
-            load_model_spec(config.model.path)
-        except ModelLoadError as exc:
-            print(f"dcpd: bad config: model: {exc}", file=sys.stderr)
-            return EX_CONFIG
+    if config.model.path and (problem := model_problem(config.model.path)):
+        print(f"dcpd: bad config: model: {problem}", file=sys.stderr)
+        return EX_CONFIG
     print(f"{args.file}: OK")
     return 0
