@@ -197,9 +197,13 @@ def test_kv_streams_layer_by_layer_during_chunked_prefill(fleet: Fleet, referenc
     assert asyncio.run(run()) == reference["long"]
     steps = -(-len(LONG_PROMPT) // 32)  # prefill peers run 32-token chunks
     layers = build_default_model().config.num_layers
-    lines = [json.loads(line) for name, peer in fleet.peers.items() if name.startswith("prefill")
+    lines = [(name, json.loads(line)) for name, peer in fleet.peers.items() if name.startswith("prefill")
              for line in peer.log_text().splitlines() if '"transferred"' in line and "layerwise" in line]  # fmt: skip
-    assert len(lines) == 1 and lines[0]["chunks"] == steps * layers  # one message per layer per step
+    assert len(lines) == 1
+    name, line = lines[0]
+    assert line["chunks"] == steps * layers  # one message per layer per step
+    # logged from a callback the push thread hands to the loop: it still names the peer
+    assert (line["role"], line["peer"]) == ("prefill", name)
 
 
 def test_states_stages_and_transfers_are_in_the_metrics(fleet: Fleet) -> None:

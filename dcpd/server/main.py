@@ -51,13 +51,10 @@ def serve(args: argparse.Namespace) -> int:
     from dcpd.server.daemon import Daemon
     from dcpd.server.logs import configure_logging
 
-    configure_logging(config.logging.level, config.logging.format)
-    if config.server.role != "unified":
-        import structlog
-
-        structlog.contextvars.bind_contextvars(role=config.server.role)
-        if config.disagg.peer_name:
-            structlog.contextvars.bind_contextvars(peer=config.disagg.peer_name)
+    process_fields = {} if config.server.role == "unified" else {"role": config.server.role}
+    if process_fields and config.disagg.peer_name:
+        process_fields["peer"] = config.disagg.peer_name
+    configure_logging(config.logging.level, config.logging.format, process_fields)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     # Not 78: a driver not up yet at boot, or memory another process holds for a moment, may pass.
