@@ -55,6 +55,7 @@ class DisaggSection(_Section):
     # Conditional disaggregation (router): prefill on the decode peer itself, skipping the KV transfer,
     local_prefill_max_tokens: int = 0  # for prompts of at most this many tokens (0: never)
     local_prefill_queue: int = 0  # or when every prefill peer has at least this many requests (0: never)
+    push_nice: int = 10  # prefill: niceness (0-19) of the KV push thread: where it shares cores, compute goes first
 
 
 class ModelSection(_Section):
@@ -205,6 +206,8 @@ def _check_values(config: Config) -> None:
     for key in ("local_prefill_max_tokens", "local_prefill_queue"):
         if getattr(d, key) < 0:
             raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be >= 0")
+    if not 0 <= d.push_nice <= 19:
+        raise ConfigError(f"disagg.push_nice = {d.push_nice}: must be in [0, 19] (a niceness; 0: as the compute)")
     if d.max_attempts < 1:
         raise ConfigError(f"disagg.max_attempts = {d.max_attempts}: must be >= 1")
     if config.engine.step_timeout_s < 0:

@@ -321,6 +321,14 @@ def test_bad_config_exits_78_with_one_line(tmp_path) -> None:
     assert proc.returncode == 78 and "does not exist" in proc.stderr
 
 
+@pytest.mark.parametrize("value", [-1, 20])
+def test_a_push_niceness_outside_0_to_19_is_refused(value: int) -> None:
+    from dcpd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"disagg.push_nice = {value}: must be in \[0, 19\]"):
+        load_config(None, [f"disagg.push_nice={value}"])
+
+
 @pytest.mark.parametrize("name", ["dcpd", "router", "prefill", "decode"])
 def test_shipped_configs_are_valid(name: str) -> None:
     proc = dcpd("check-config", f"config/{name}.toml")

@@ -303,6 +303,49 @@ def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk
     assert torch.equal(dst.gather([3, 4]), src.gather([1, 2]))
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_push_thread_and_its_zeromq_io_thread_run_at_the_configured_niceness() -> None:
+    """On a CPU prefill peer the push shares cores with the compute; `nice` lowers the priority of
+    the push thread and of the ZeroMQ threads it starts, and of nothing else in the process."""
+    import os
+    import queue as queue_module
+
+    from dcpd.disagg.pusher import Chunk, KVPusher
+
+    def tasks() -> set[int]:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+    def niceness(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    src, dst = filled_cache(layers=2), PagedKVCache(2, 16, 16, 2, 8)
+    receiver = KVReceiver(dst)
+    events: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    ours = niceness(threading.get_native_id())  # the test's own (a niced CI job: higher)
+    with tempfile.TemporaryDirectory(prefix="dkv", dir="/tmp") as tmp, zmq.Context() as ctx:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"ipc://{tmp}/kv")
+        before = tasks()
+        pusher = KVPusher(src, on_first_chunk=lambda key: None,
+                          on_done=lambda key, ack, nbytes, s: events.put(("done", key, ack.ok)),
+                          on_released=lambda key: None, on_crash=lambda: events.put(("crash",)),
+                          send_timeout_s=5.0, nice=7)  # fmt: skip
+        pusher.start()
+        try:
+            receiver.expect("r", [3, 4])
+            pusher.push(Chunk("r", f"ipc://{tmp}/kv", 0, [1, 2], 0, (0, 2), last=True))
+            while receiver.serve_once(router, timeout_ms=10000) is None:
+                pass
+            assert events.get(timeout=10) == ("done", "r", True)
+            started = tasks() - before  # the push thread, ZeroMQ's I/O and reaper threads for its context
+            assert pusher.thread.native_id in started and len(started) >= 3
+            assert {tid: niceness(tid) for tid in started} == dict.fromkeys(started, max(7, ours))
+            assert all(niceness(tid) == ours for tid in before & tasks())  # the rest of the process is untouched
+        finally:
+            pusher.stop()
+            router.close(linger=0)
+
+
 @pytest.mark.parametrize("small_last_chunk", [False, True])
 def test_a_cancelled_transfer_frees_its_blocks_only_once_zeromq_no_longer_reads_them(small_last_chunk: bool) -> None:
     """Chunks go out zero-copy: ZeroMQ reads the blocks after `send` returns. A decode peer that takes

@@ -74,6 +74,7 @@ class PrefillPeer(PeerService):
             on_released=self._from_thread(self._on_released),
             on_crash=self._from_thread(self.crashed),
             send_timeout_s=self.config.disagg.peer_timeout_s,
+            nice=self.config.disagg.push_nice,
         )
         self.pusher.start()
 

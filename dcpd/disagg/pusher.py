@@ -18,12 +18,20 @@ connected, at its high-water mark, or no free staging buffer) waits in that
 peer's backlog, so one dead or slow decode peer does not hold up the KV of
 requests bound for the others. A backlog that makes no progress for the send
 timeout fails its transfers and closes that connection.
+
+The thread may run at a lower CPU priority (`nice`): on a CPU peer the push
+shares cores with the model's compute, and every core the compute loses to it
+stalls the whole step at its next barrier, while the push only needs to keep
+up. ZeroMQ starts a context's I/O thread when its first socket is made, which
+happens in this thread, so the I/O thread inherits the niceness.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -86,6 +94,20 @@ class _Unsettled:
     then: Callable[[], None]
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Set the calling thread's niceness to `nice` unless it is already higher (Linux, where each
+    thread has its own; threads it starts inherit it). Lowering a priority needs no privilege."""
+    if sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, thread, nice)
+    except OSError as exc:
+        log.warning("could not lower the KV push thread's priority", nice=nice, error=str(exc))
+
+
 class KVPusher:
     def __init__(
         self,
@@ -96,17 +118,20 @@ class KVPusher:
         on_released: Callable[[str | None], None],
         on_crash: Callable[[], None],
         send_timeout_s: float,
+        nice: int = 0,
     ) -> None:
         """Callbacks, called in this thread: `on_first_chunk(key)`; `on_done(key, ack, bytes, seconds)`
         when a transfer ends (acknowledged or failed) and its blocks may be freed; `on_released(key)`
         after `forget(key)`, and `on_released(None)` after `drop_all()`, once the blocks of what was
-        forgotten may be freed; `on_crash()`: the thread died of a bug (the daemon must exit)."""
+        forgotten may be freed; `on_crash()`: the thread died of a bug (the daemon must exit).
+        `nice`: the thread's niceness (Linux; never below the process's own)."""
         self.cache = cache
         self.on_crash = on_crash
         self.on_first_chunk = on_first_chunk
         self.on_done = on_done
         self.on_released = on_released
         self.send_timeout_s = send_timeout_s
+        self.nice = nice
         self.context = zmq.Context()
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
         self.senders: dict[str, KVSender] = {}
@@ -146,6 +171,8 @@ class KVPusher:
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.nice:
+            lower_thread_priority(self.nice)
         try:
             self._loop()
         except BaseException:
