@@ -207,8 +207,11 @@ def test_global_limit_and_demo_mode() -> None:
         while "demo request answered" not in d.log_text():
             assert time.monotonic() < deadline, d.log_text()[-2000:]
             time.sleep(0.1)
-        with Client(d.endpoint) as one, Client(d.endpoint) as two:
+        with Client(d.endpoint) as one, Client(d.endpoint) as two, Client(d.endpoint) as watch:
             streams = [one.generate(prompt_ids=[1], **LONG), two.generate(prompt_ids=[2], **LONG)]
+            while watch.stats()["inflight"] < 2:  # two sockets: `one`'s request may land after `two`'s next
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             with pytest.raises(Overloaded, match="requests in flight"):
                 two.generate(prompt_ids=[3], **LONG).result()
             for stream in streams:
