@@ -390,3 +390,31 @@ def test_a_peer_of_another_control_protocol_version_is_refused_for_good(scripted
     finally:
         sock.close()
         ctx.term()
+
+
+def test_a_request_waiting_for_room_is_not_overtaken_by_later_smaller_ones(scripted) -> None:
+    """First come, first served: while a request waits for a decode peer with room for its prompt, a
+    later one that would fit now waits behind it (else a steady stream of small requests could starve
+    a big one until queue_timeout_s), and the queue is served in order once there is room."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    busy = m.PeerLoad(waiting=0, running=1, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv", busy)
+    greedy = {"max_tokens": 2, "temperature": 0.0}
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            big = await client.generate(prompt_ids=[1] * 16 * 15, **greedy)  # 15 blocks: waits for room
+            await asyncio.sleep(0.3)
+            small = await client.generate(prompt_ids=[2] * 16 * 2, **greedy)  # 2 blocks: would fit now
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(decode.expect, m.Reserve, 0.5)
+            decode.load = msgspec.structs.replace(busy, running=0, kv_blocks_free=20)  # the running one ended
+            reserves = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]
+            for stream in (big, small):
+                await stream.abort()
+                await stream.collect()
+            return reserves
+
+    first, second = asyncio.run(scenario())
+    assert (len(first.prompt_ids), len(second.prompt_ids)) == (16 * 15, 16 * 2)

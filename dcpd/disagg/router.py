@@ -325,9 +325,14 @@ class Router(Frontend):
         route.decode = route.prefill = None
         route.queued_since = 0.0
         self.routes[route.key] = route
-        if not self._try_reserve(route):
+        # First come, first served: nothing overtakes a request waiting for room (a stream of small
+        # requests would starve a big one). A retry was admitted before anything queued: it goes first.
+        if self.queue or not self._try_reserve(route):
             self._enqueue(route)
-            self.queue.append(route)
+            if route.attempt > 1:
+                self.queue.appendleft(route)
+            else:
+                self.queue.append(route)
             log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
 
     @staticmethod
