@@ -418,3 +418,36 @@ def test_a_request_waiting_for_room_is_not_overtaken_by_later_smaller_ones(scrip
 
     first, second = asyncio.run(scenario())
     assert (len(first.prompt_ids), len(second.prompt_ids)) == (16 * 15, 16 * 2)
+
+
+def test_a_queued_request_only_a_lost_decode_peer_could_take_ends_and_unblocks_the_queue(scripted) -> None:
+    """First come, first served must not let a request that no remaining decode peer can ever hold
+    block the ones behind it: when the only peer big enough for it is dropped, it ends (unavailable,
+    naming the sizes) and the next one is reserved on the peer that is left."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    full = m.PeerLoad(waiting=0, running=4, kv_blocks_free=0, kv_blocks_total=1000, kv_blocks_reserve=0)
+    big_peer = add("big", "decode", "ipc:///tmp/unused-kv1", full)
+    small_load = m.PeerLoad(waiting=0, running=0, kv_blocks_free=0, kv_blocks_total=20, kv_blocks_reserve=0)
+    small_peer = add("small", "decode", "ipc:///tmp/unused-kv2", small_load)
+    greedy = {"max_tokens": 2, "temperature": 0.0}
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            big = await client.generate(prompt_ids=[1] * 16 * 30, **greedy)  # only "big" can ever hold it
+            await asyncio.sleep(0.3)
+            small = await client.generate(prompt_ids=[2] * 16 * 2, **greedy)
+            await asyncio.sleep(0.3)
+            small_peer.load = msgspec.structs.replace(small_load, kv_blocks_free=20)  # room, but queued behind
+            big_peer.stop_heartbeats()  # dropped after peer_timeout_s = 1 s
+            with pytest.raises(ServerError) as info:
+                await big.collect()
+            reserve = await asyncio.to_thread(small_peer.expect, m.Reserve)
+            await small.abort()
+            await small.collect()
+            return info.value, reserve
+
+    error, reserve = asyncio.run(scenario())
+    assert error.code == "unavailable" and "no decode peer left can take it" in error.message
+    assert "the largest decode peer has 20" in error.message
+    assert len(reserve.prompt_ids) == 16 * 2

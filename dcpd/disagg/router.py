@@ -139,18 +139,24 @@ class Router(Frontend):
         config = self.model_config
         prompt = check_prompt(prompt, params, vocab_size=config.vocab_size,
                               max_model_len=config.max_position_embeddings)  # fmt: skip
-        whole, reserved = self._blocks_for(len(prompt) + params.max_tokens), self._blocks_for(len(prompt))
-        decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
-        if decoders and not any(self._can_hold(peer, reserved, whole) for peer in decoders):
-            loads = [peer.load for peer in decoders]
-            load = max(loads, key=lambda load: (self._reservable(load), load.kv_blocks_total))
-            raise RequestError(
-                f"prompt + max_tokens = {len(prompt) + params.max_tokens} tokens needs {whole} KV blocks, "
-                f"{reserved} of them reserved up front for the prompt; the largest decode peer has "
-                f"{load.kv_blocks_total}, of which it reserves at most {self._reservable(load)} (the other "
-                f"{load.kv_blocks_reserve} are kept for running requests to grow into)"
-            )
+        if problem := self._too_big(len(prompt), params.max_tokens):
+            raise RequestError(problem)
         return prompt
+
+    def _too_big(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why no registered decode peer could ever take such a request; None if one could, or if none
+        is registered (then the request is told that instead)."""
+        whole, reserved = self._blocks_for(prompt_tokens + max_tokens), self._blocks_for(prompt_tokens)
+        decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
+        if not decoders or any(self._can_hold(peer, reserved, whole) for peer in decoders):
+            return None
+        load = max((peer.load for peer in decoders), key=lambda load: (self._reservable(load), load.kv_blocks_total))
+        return (
+            f"prompt + max_tokens = {prompt_tokens + max_tokens} tokens needs {whole} KV blocks, "
+            f"{reserved} of them reserved up front for the prompt; the largest decode peer has "
+            f"{load.kv_blocks_total}, of which it reserves at most {self._reservable(load)} (the other "
+            f"{load.kv_blocks_reserve} are kept for running requests to grow into)"
+        )
 
     @staticmethod
     def _reservable(load: m.PeerLoad) -> int:
@@ -553,6 +559,9 @@ class Router(Frontend):
         if self.queue and (missing := self._missing_roles()):  # what a new request would be told now
             for route in list(self.queue):
                 self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
+        for route in list(self.queue):  # the decode peers that could take it are gone: it would block the queue
+            if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
+                self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
         while self.queue:
             route = self.queue[0]
             if not self._try_reserve(route):
