@@ -9,8 +9,10 @@ passed up: the cluster is the unit's main process, and it feeds the watchdog).
 SIGTERM/SIGINT drain it: the router first (it finishes in-flight requests,
 which needs the peers), then the peers. If the router dies the cluster stops.
 A peer that dies is started again (the router retries its requests on the
-others meanwhile, and takes the new process for a restart), unless it exited
-with a configuration error (the cluster stops with 78) or died more than
+others meanwhile, and takes the new process for a restart): at once the first
+time, then after a delay that doubles with each death in the window (0.5, 1,
+2, 4 s), so a peer that cannot start does not spin; unless it exited with a
+configuration error (the cluster stops with 78) or died more than
 RESTART_BURST times within RESTART_WINDOW_S (the cluster stops with 1).
 """
 
@@ -36,6 +38,7 @@ from dcpd.server.sdnotify import Notifier, watchdog_interval_s
 
 RESTART_BURST = 5  # a peer restarted this often ...
 RESTART_WINDOW_S = 60.0  # ... within this long is given up on
+RESTART_BACKOFF_S = 0.5  # the delay before the second restart in the window; doubles after each
 # What systemd gives the unit's main process, kept from the children: it is the cluster's to answer.
 SYSTEMD_ONLY_FOR_US = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -60,7 +63,8 @@ class Child:
     name: str
     proc: subprocess.Popen
     extra: tuple[str, ...]  # its own `--set` items (to start it again the same way)
-    restarts: list[float] = field(default_factory=list)  # when it was started again
+    restarts: list[float] = field(default_factory=list)  # when it died and was to be started again
+    restart_at: float | None = None  # dead, to be started again at this time
 
 
 def _free_port() -> int:
@@ -183,14 +187,17 @@ class Cluster:
                 self.stop()
                 return 1
             for child in self.children[1:]:
-                if child.proc.poll() is not None and (status := self._peer_died(child)) is not None:
+                if child.restart_at is not None:
+                    if time.monotonic() >= child.restart_at:
+                        self._start_again(child)
+                elif child.proc.poll() is not None and (status := self._peer_died(child)) is not None:
                     self.stop()
                     return status
             time.sleep(0.2)
         return self.stop()
 
     def _peer_died(self, child: Child) -> int | None:
-        """Start a dead peer again; or, when that cannot help, the cluster's exit status."""
+        """Schedule a dead peer's restart; or, when that cannot help, return the cluster's exit status."""
         code = child.proc.returncode
         if code == EX_CONFIG:
             _log("peer exited with a configuration error; stopping the cluster", role=child.role, name=child.name)
@@ -201,10 +208,18 @@ class Cluster:
             _log("peer keeps dying; stopping the cluster", role=child.role, name=child.name, exit_code=code,
                  restarts=len(child.restarts), window_s=RESTART_WINDOW_S)  # fmt: skip
             return 1
+        recent = len(child.restarts)
+        delay = RESTART_BACKOFF_S * 2 ** (recent - 1) if recent else 0.0
         child.restarts.append(now)
-        child.proc = self._popen(child.role, child.name, child.extra)
-        _log("peer exited; started again", role=child.role, name=child.name, exit_code=code, pid=child.proc.pid)
+        child.restart_at = now + delay
+        _log("peer exited; starting it again", role=child.role, name=child.name, exit_code=code, delay_s=delay)
         return None
+
+    def _start_again(self, child: Child) -> None:
+        child.restart_at = None
+        child.proc = self._popen(child.role, child.name, child.extra)
+        _log("peer started again", role=child.role, name=child.name, pid=child.proc.pid,
+             waited_s=round(time.monotonic() - child.restarts[-1], 3))  # fmt: skip
 
     def stop(self) -> int:
         """Drain: the router first, then the peers. One budget for all (two drains + margin); whatever
