@@ -420,16 +420,21 @@ def test_a_request_waiting_for_room_is_not_overtaken_by_later_smaller_ones(scrip
     assert (len(first.prompt_ids), len(second.prompt_ids)) == (16 * 15, 16 * 2)
 
 
-def test_a_queued_request_only_a_lost_decode_peer_could_take_ends_and_unblocks_the_queue(scripted) -> None:
-    """First come, first served must not let a request that no remaining decode peer can ever hold
-    block the ones behind it: when the only peer big enough for it is dropped, it ends (unavailable,
-    naming the sizes) and the next one is reserved on the peer that is left."""
+def test_a_request_waiting_for_one_decode_peer_does_not_hold_up_those_another_can_serve(scripted) -> None:
+    """First come, first served is per decode peer: a request waiting for room on the only peer big
+    enough for it does not stop a later one that another peer can serve now. When that big peer is
+    gone for good, the waiting request ends (unavailable, naming the sizes) instead of waiting out
+    queue_timeout_s."""
     fleet, add = scripted
     add("p", "prefill", None)
     full = m.PeerLoad(waiting=0, running=4, kv_blocks_free=0, kv_blocks_total=1000, kv_blocks_reserve=0)
     big_peer = add("big", "decode", "ipc:///tmp/unused-kv1", full)
-    small_load = m.PeerLoad(waiting=0, running=0, kv_blocks_free=0, kv_blocks_total=20, kv_blocks_reserve=0)
-    small_peer = add("small", "decode", "ipc:///tmp/unused-kv2", small_load)
+    small_peer = add(
+        "small",
+        "decode",
+        "ipc:///tmp/unused-kv2",
+        m.PeerLoad(waiting=0, running=0, kv_blocks_free=20, kv_blocks_total=20, kv_blocks_reserve=0),
+    )
     greedy = {"max_tokens": 2, "temperature": 0.0}
 
     async def scenario():
@@ -437,17 +442,49 @@ def test_a_queued_request_only_a_lost_decode_peer_could_take_ends_and_unblocks_t
             big = await client.generate(prompt_ids=[1] * 16 * 30, **greedy)  # only "big" can ever hold it
             await asyncio.sleep(0.3)
             small = await client.generate(prompt_ids=[2] * 16 * 2, **greedy)
-            await asyncio.sleep(0.3)
-            small_peer.load = msgspec.structs.replace(small_load, kv_blocks_free=20)  # room, but queued behind
+            reserve = await asyncio.to_thread(small_peer.expect, m.Reserve, 2.0)  # not queued behind `big`
             big_peer.stop_heartbeats()  # dropped after peer_timeout_s = 1 s
+            started = time.monotonic()
             with pytest.raises(ServerError) as info:
                 await big.collect()
-            reserve = await asyncio.to_thread(small_peer.expect, m.Reserve)
             await small.abort()
             await small.collect()
-            return info.value, reserve
+            return info.value, reserve, time.monotonic() - started
 
-    error, reserve = asyncio.run(scenario())
-    assert error.code == "unavailable" and "no decode peer left can take it" in error.message
-    assert "the largest decode peer has 20" in error.message
+    error, reserve, waited = asyncio.run(scenario())
     assert len(reserve.prompt_ids) == 16 * 2
+    assert error.code == "unavailable" and "no decode peer left can take it" in error.message
+    assert "the largest decode peer has 20" in error.message and waited < 10  # queue_timeout_s is 60 s
+
+
+def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) -> None:
+    """A decode peer that refuses two reservations (kv_full) in the opposite order of their arrival:
+    when it has room again, the earlier request is offered it first, and a later arrival waits."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    decode = add(
+        "d",
+        "decode",
+        "ipc:///tmp/unused-kv",
+        m.PeerLoad(waiting=0, running=0, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0),
+    )
+    greedy = {"max_tokens": 2, "temperature": 0.0}
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            first = await client.generate(prompt_ids=[1] * 16 * 4, **greedy)
+            a = await asyncio.to_thread(decode.expect, m.Reserve)
+            second = await client.generate(prompt_ids=[2] * 16 * 4, **greedy)
+            b = await asyncio.to_thread(decode.expect, m.Reserve)
+            for refused in (a, b):  # `a` goes back to the queue first, then `b`
+                decode.send(m.Reserved(key=refused.key, ok=False, code="kv_full", error="full"))
+            await asyncio.sleep(0.05)
+            third = await client.generate(prompt_ids=[3] * 16 * 4, **greedy)
+            again = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]  # room for two
+            for stream in (first, second, third):
+                await stream.abort()
+                await stream.collect()
+            return again
+
+    again = asyncio.run(scenario())
+    assert [reserve.prompt_ids[0] for reserve in again] == [1, 2]

@@ -306,7 +306,8 @@ def test_the_pusher_sends_nothing_for_a_request_cancelled_before_its_first_chunk
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
 def test_the_push_thread_and_its_zeromq_io_thread_run_at_the_configured_niceness() -> None:
     """On a CPU prefill peer the push shares cores with the compute; `nice` lowers the priority of
-    the push thread and of the ZeroMQ threads it starts, and of nothing else in the process."""
+    the push thread and of the threads it starts (ZeroMQ's for its context; pyzmq's garbage collector when
+    its send is the first zero-copy one here), and of nothing else in the process."""
     import os
     import queue as queue_module
 

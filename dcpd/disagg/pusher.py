@@ -22,8 +22,11 @@ timeout fails its transfers and closes that connection.
 The thread may run at a lower CPU priority (`nice`): on a CPU peer the push
 shares cores with the model's compute, and every core the compute loses to it
 stalls the whole step at its next barrier, while the push only needs to keep
-up. ZeroMQ starts a context's I/O thread when its first socket is made, which
-happens in this thread, so the I/O thread inherits the niceness.
+up. The thread makes its own ZeroMQ context, whose I/O and reaper threads
+libzmq starts with the first socket, from this thread: they inherit the
+niceness. So does pyzmq's process-wide garbage-collector thread (which
+completes zero-copy MessageTrackers) when this thread's send is the process's
+first zero-copy one, as it is on a prefill peer.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class KVPusher:
         self.on_released = on_released
         self.send_timeout_s = send_timeout_s
         self.nice = nice
-        self.context = zmq.Context()
+        self.context: zmq.Context | None = None  # made in the thread (see the module docstring)
         self.queue: queue.SimpleQueue[Chunk | tuple[str, str] | None] = queue.SimpleQueue()
         self.senders: dict[str, KVSender] = {}
         self.pending: dict[str, _Pending] = {}  # key -> transfer awaiting its ack
@@ -173,6 +176,7 @@ class KVPusher:
     def _run(self) -> None:
         if self.nice:
             lower_thread_priority(self.nice)
+        self.context = zmq.Context()
         try:
             self._loop()
         except BaseException:

@@ -79,6 +79,7 @@ class Route:
     request: ClientRequest
     sampling: p.SamplingOptions
     blocks: int  # KV blocks of the prompt
+    arrival: int = 0  # admission order: the queue is kept in it
     attempt: int = 0
     key: str = ""
     stage: Stage = Stage.WAITING_FOR_RESERVATION
@@ -107,6 +108,7 @@ class Router(Frontend):
         # still hold state under the old attempt's key; a restarted router must not meet its own keys.
         self.boot = secrets.token_hex(4)
         self.attempt_numbers = itertools.count(1)
+        self.arrivals = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -144,8 +146,8 @@ class Router(Frontend):
         return prompt
 
     def _too_big(self, prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why no registered decode peer could ever take such a request; None if one could, or if none
-        is registered (then the request is told that instead)."""
+        """Why no registered decode peer (draining ones included: they come back) could ever take such a
+        request; None if one could, or if none is registered (then the request is told that instead)."""
         whole, reserved = self._blocks_for(prompt_tokens + max_tokens), self._blocks_for(prompt_tokens)
         decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
         if not decoders or any(self._can_hold(peer, reserved, whole) for peer in decoders):
@@ -169,7 +171,7 @@ class Router(Frontend):
 
     def submit(self, request: ClientRequest) -> None:
         sampling = self._sampling_options(request.params)
-        route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)))
+        route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)), next(self.arrivals))
         self.by_client[request.key] = route
         if missing := self._missing_roles():
             self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
@@ -331,21 +333,40 @@ class Router(Frontend):
         route.decode = route.prefill = None
         route.queued_since = 0.0
         self.routes[route.key] = route
-        # First come, first served: nothing overtakes a request waiting for room (a stream of small
-        # requests would starve a big one). A retry was admitted before anything queued: it goes first.
-        if self.queue or not self._try_reserve(route):
-            self._enqueue(route)
-            if route.attempt > 1:
-                self.queue.appendleft(route)
-            else:
-                self.queue.append(route)
+        self._queue_up(route)
+        self._serve_queue()
+        if route.queued:
             log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
 
-    @staticmethod
-    def _enqueue(route: Route) -> None:
-        """Mark a route queued; its queue_timeout_s counts from the first time in this attempt."""
+    def _queue_up(self, route: Route) -> None:
+        """Queue a route in admission order (a retry, or a refused reservation, goes back ahead of the
+        requests that arrived after it); its queue_timeout_s counts from its first time in this attempt."""
         route.queued = True
         route.queued_since = route.queued_since or time.monotonic()
+        index = len(self.queue)
+        while index and self.queue[index - 1].arrival > route.arrival:
+            index -= 1
+        self.queue.insert(index, route)
+
+    def _serve_queue(self) -> None:
+        """Reserve for queued requests, first come, first served: a request never takes room on a decode
+        peer that an earlier queued request could use (else a stream of small requests would starve a
+        big one), while a peer that no earlier one can use still serves it."""
+        live = self._live("decode")
+        claimed: set[str] = set()  # peers whose room an earlier queued request waits for
+        for route in list(self.queue):
+            if len(claimed) == len(live):
+                return
+            if self._try_reserve(route, skip=claimed):
+                self.queue.remove(route)
+                route.queued = False
+            else:
+                whole = self._whole_blocks(route)
+                claimed.update(peer.name for peer in live if self._can_hold(peer, route.blocks, whole))
+
+    def _whole_blocks(self, route: Route) -> int:
+        """KV blocks of the request at its longest: prompt + max_tokens."""
+        return self._blocks_for(len(route.request.prompt_ids) + route.request.params.max_tokens)
 
     def _decode_room(self, peer: Peer) -> int:
         """Blocks this decode peer could still reserve, counting reservations sent since its heartbeat."""
@@ -353,12 +374,14 @@ class Router(Frontend):
                       if k in self.routes and self.routes[k].stage is Stage.WAITING_FOR_RESERVATION)  # fmt: skip
         return peer.load.kv_blocks_free - peer.load.kv_blocks_reserve - pending
 
-    def _try_reserve(self, route: Route) -> bool:
+    def _try_reserve(self, route: Route, skip: set[str]) -> bool:
+        """Send a Reserve to the best decode peer with room for the prompt (not one in `skip`)."""
         now = time.monotonic()
         # Only peers that can ever take the request (a smaller one would refuse it, ending it).
-        whole = self._blocks_for(len(route.request.prompt_ids) + route.request.params.max_tokens)
+        whole = self._whole_blocks(route)
         candidates = [(self._decode_room(peer), peer) for peer in self._live("decode")
-                      if peer.full_until <= now and self._can_hold(peer, route.blocks, whole)]  # fmt: skip
+                      if peer.name not in skip and peer.full_until <= now
+                      and self._can_hold(peer, route.blocks, whole)]  # fmt: skip
         candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
         if not candidates:
             return False
@@ -396,9 +419,8 @@ class Router(Frontend):
                 return
             peer.full_until = float("inf")  # until its next heartbeat shows the room it really has
             log.info("decode peer refused the reservation; queued", key=route.key, peer=peer.name, why=message.error)
-            self._enqueue(route)
             route.deadline = float("inf")
-            self.queue.appendleft(route)
+            self._queue_up(route)
             return
         if route.local:
             log.info("prefilling on the decode peer", key=route.key, peer=peer.name)
@@ -551,7 +573,8 @@ class Router(Frontend):
                 continue
             if route.queued and now - route.queued_since > d.queue_timeout_s:
                 self._end(route, "error", "overloaded",
-                          f"no decode peer had {route.blocks} free KV blocks within {d.queue_timeout_s} s")  # fmt: skip
+                          f"no decode peer had room for its {route.blocks} KV blocks within {d.queue_timeout_s} s "
+                          "(requests wait for room in arrival order)")  # fmt: skip
             elif not route.queued and now > route.deadline:
                 stuck = route.prefill if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING) else None
                 self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout",
@@ -559,15 +582,10 @@ class Router(Frontend):
         if self.queue and (missing := self._missing_roles()):  # what a new request would be told now
             for route in list(self.queue):
                 self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
-        for route in list(self.queue):  # the decode peers that could take it are gone: it would block the queue
+        for route in list(self.queue):  # what a new request would be refused now (the peers for it are gone)
             if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
                 self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
-        while self.queue:
-            route = self.queue[0]
-            if not self._try_reserve(route):
-                break
-            self.queue.popleft()
-            route.queued = False
+        self._serve_queue()
 
     def _update_gauges(self) -> None:
         counts = dict.fromkeys(Stage, 0)
