@@ -244,11 +244,14 @@ def start_unified(model: str, tmp: str, threads: int) -> tuple[subprocess.Popen,
     return proc, endpoint
 
 
-def start_cluster(model: str, tmp: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_cluster(model: str, tmp: str, threads: int, sets: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`sets`: more `--set KEY=VALUE` items for every daemon of the cluster."""
     endpoint = f"ipc://{tmp}/c"
     args = [sys.executable, "-m", "dcpd.cli", "cluster", "--model", model, "--prefill", "1", "--decode", "1",
             "--frontend", endpoint, "--set", "metrics.enabled=false", "--set", "logging.level=\"warning\"",
             "--set", f"engine.threads={threads}"]  # fmt: skip
+    for item in sets:
+        args += ["--set", item]
     out = open(f"{tmp}/cluster.out", "w")
     err = open(f"{tmp}/cluster.log", "w")
     proc = subprocess.Popen(args, stdout=out, stderr=err)
