@@ -458,16 +458,13 @@ def test_a_request_waiting_for_one_decode_peer_does_not_hold_up_those_another_ca
 
 
 def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) -> None:
-    """A decode peer that refuses two reservations (kv_full) in the opposite order of their arrival:
-    when it has room again, the earlier request is offered it first, and a later arrival waits."""
+    """Two reservations a decode peer refuses (kv_full) go back to the queue where their requests
+    arrived: ahead of a request that arrived after them and was queued meanwhile, and in their own
+    order. When the peer has room again, the earliest is offered it first."""
     fleet, add = scripted
     add("p", "prefill", None)
-    decode = add(
-        "d",
-        "decode",
-        "ipc:///tmp/unused-kv",
-        m.PeerLoad(waiting=0, running=0, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0),
-    )
+    room = m.PeerLoad(waiting=0, running=0, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv", room)
     greedy = {"max_tokens": 2, "temperature": 0.0}
 
     async def scenario():
@@ -476,11 +473,16 @@ def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) ->
             a = await asyncio.to_thread(decode.expect, m.Reserve)
             second = await client.generate(prompt_ids=[2] * 16 * 4, **greedy)
             b = await asyncio.to_thread(decode.expect, m.Reserve)
-            for refused in (a, b):  # `a` goes back to the queue first, then `b`
+            third = await client.generate(prompt_ids=[3] * 16 * 4, **greedy)  # 2 blocks of room left: queued
+            decode.load = msgspec.structs.replace(room, kv_blocks_free=0)  # until both refusals are in
+            await asyncio.sleep(0.3)
+            for refused in (a, b):  # appended: [third, a, b]; pushed to the front: [b, a, third]
                 decode.send(m.Reserved(key=refused.key, ok=False, code="kv_full", error="full"))
-            await asyncio.sleep(0.05)
-            third = await client.generate(prompt_ids=[3] * 16 * 4, **greedy)
-            again = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]  # room for two
+            await asyncio.sleep(0.3)
+            decode.load = room  # room for two of them
+            again = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(decode.expect, m.Reserve, 0.3)
             for stream in (first, second, third):
                 await stream.abort()
                 await stream.collect()

@@ -177,6 +177,9 @@ class Router(Frontend):
             self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
             return
         self._start_attempt(route)
+        self._serve_queue()
+        if route.queued:
+            log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
 
     def cancel(self, key: str, code: str | None) -> None:
         route = self.by_client.get(key)
@@ -333,10 +336,7 @@ class Router(Frontend):
         route.decode = route.prefill = None
         route.queued_since = 0.0
         self.routes[route.key] = route
-        self._queue_up(route)
-        self._serve_queue()
-        if route.queued:
-            log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
+        self._queue_up(route)  # served by the caller, or within a tick (retries fail in batches: one pass after)
 
     def _queue_up(self, route: Route) -> None:
         """Queue a route in admission order (a retry, or a refused reservation, goes back ahead of the
@@ -351,18 +351,27 @@ class Router(Frontend):
     def _serve_queue(self) -> None:
         """Reserve for queued requests, first come, first served: a request never takes room on a decode
         peer that an earlier queued request could use (else a stream of small requests would starve a
-        big one), while a peer that no earlier one can use still serves it."""
+        big one), while a peer that no earlier one can use still serves it. Stops once no peer that is
+        still open to later requests has room."""
+        now = time.monotonic()
         live = self._live("decode")
+        room = {peer.name: self._decode_room(peer) for peer in live if peer.full_until <= now}
         claimed: set[str] = set()  # peers whose room an earlier queued request waits for
-        for route in list(self.queue):
-            if len(claimed) == len(live):
-                return
+        served = False
+        for route in self.queue:
+            if all(free <= 0 for name, free in room.items() if name not in claimed):
+                break
+            whole = self._whole_blocks(route)
+            holders = {peer.name for peer in live if self._can_hold(peer, route.blocks, whole)}
+            if holders <= claimed:
+                continue  # it waits for room that earlier ones wait for first
             if self._try_reserve(route, skip=claimed):
-                self.queue.remove(route)
-                route.queued = False
+                route.queued, served = False, True
+                room[route.decode] = self._decode_room(self.peers[route.decode])
             else:
-                whole = self._whole_blocks(route)
-                claimed.update(peer.name for peer in live if self._can_hold(peer, route.blocks, whole))
+                claimed |= holders
+        if served:
+            self.queue = deque(route for route in self.queue if route.queued)
 
     def _whole_blocks(self, route: Route) -> int:
         """KV blocks of the request at its longest: prompt + max_tokens."""
