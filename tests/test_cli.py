@@ -144,3 +144,29 @@ def test_a_second_daemon_on_a_live_ipc_address_is_refused_not_a_silent_takeover(
         finally:
             first.send_signal(signal.SIGTERM)
             assert first.wait(60) == 0
+
+
+def test_a_peer_without_a_configured_name_logs_the_name_the_router_knows_it_by() -> None:
+    """Every line a decode peer logs names it, also when `disagg.peer_name` is left empty (ROLE-HOST-PID)."""
+    import signal
+    import socket
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryDirectory(prefix="dpn", dir="/tmp") as tmp:
+        sets = ["metrics.enabled=false", 'logging.format="json"', f'disagg.kv_endpoint="ipc://{tmp}/kv"',
+                f'disagg.router_endpoint="ipc://{tmp}/r"']  # fmt: skip
+        args = ["serve", "--role", "decode", *(arg for item in sets for arg in ("--set", item))]
+        proc = subprocess.Popen([sys.executable, "-m", "dcpd.cli", *args], stdout=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(120, proc.kill)  # a peer that never starts fails the test, not hangs it
+        watchdog.start()
+        try:
+            serving = json.loads(proc.stdout.readline())  # its first line
+        finally:
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=60)[0]
+            watchdog.cancel()
+    assert serving["event"] == "serving"
+    name = f"decode-{socket.gethostname()}-{proc.pid}"
+    lines = [serving, *(json.loads(line) for line in rest.splitlines() if line.strip())]
+    assert serving["name"] == name and all(line["peer"] == name for line in lines)

@@ -52,7 +52,11 @@ def serve(args: argparse.Namespace) -> int:
     from dcpd.server.logs import configure_logging
 
     process_fields = {} if config.server.role == "unified" else {"role": config.server.role}
-    if process_fields and config.disagg.peer_name:
+    if config.server.role in ("prefill", "decode"):
+        from dcpd.disagg.peer import peer_name
+
+        process_fields["peer"] = peer_name(config)  # as the router knows it (ROLE-HOST-PID by default)
+    elif process_fields and config.disagg.peer_name:
         process_fields["peer"] = config.disagg.peer_name
     configure_logging(config.logging.level, config.logging.format, process_fields)
     if config.engine.threads:
