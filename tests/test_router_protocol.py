@@ -21,6 +21,14 @@ from tests.disagg_harness import Fleet
 
 LAYOUT = PeerLayout.expected(default_config(), block_size=Config().engine.block_size, dtype=Config().model.dtype)
 IDLE = m.PeerLoad(waiting=0, running=0, kv_blocks_free=1000, kv_blocks_total=1000, kv_blocks_reserve=0)
+GREEDY = {"max_tokens": 2, "temperature": 0.0}
+
+
+async def abort_all(*streams) -> None:
+    """End requests a test left waiting (the router then cancels them on their peers)."""
+    for stream in streams:
+        await stream.abort()
+        await stream.collect()
 
 
 class ScriptedPeer:
@@ -400,20 +408,17 @@ def test_a_request_waiting_for_room_is_not_overtaken_by_later_smaller_ones(scrip
     add("p", "prefill", None)
     busy = m.PeerLoad(waiting=0, running=1, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0)
     decode = add("d", "decode", "ipc:///tmp/unused-kv", busy)
-    greedy = {"max_tokens": 2, "temperature": 0.0}
 
     async def scenario():
         async with AsyncClient(fleet.frontend, timeout=30) as client:
-            big = await client.generate(prompt_ids=[1] * 16 * 15, **greedy)  # 15 blocks: waits for room
+            big = await client.generate(prompt_ids=[1] * 16 * 15, **GREEDY)  # 15 blocks: waits for room
             await asyncio.sleep(0.3)
-            small = await client.generate(prompt_ids=[2] * 16 * 2, **greedy)  # 2 blocks: would fit now
+            small = await client.generate(prompt_ids=[2] * 16 * 2, **GREEDY)  # 2 blocks: would fit now
             with pytest.raises(TimeoutError):
                 await asyncio.to_thread(decode.expect, m.Reserve, 0.5)
             decode.load = msgspec.structs.replace(busy, running=0, kv_blocks_free=20)  # the running one ended
             reserves = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]
-            for stream in (big, small):
-                await stream.abort()
-                await stream.collect()
+            await abort_all(big, small)
             return reserves
 
     first, second = asyncio.run(scenario())
@@ -435,20 +440,18 @@ def test_a_request_waiting_for_one_decode_peer_does_not_hold_up_those_another_ca
         "ipc:///tmp/unused-kv2",
         m.PeerLoad(waiting=0, running=0, kv_blocks_free=20, kv_blocks_total=20, kv_blocks_reserve=0),
     )
-    greedy = {"max_tokens": 2, "temperature": 0.0}
 
     async def scenario():
         async with AsyncClient(fleet.frontend, timeout=30) as client:
-            big = await client.generate(prompt_ids=[1] * 16 * 30, **greedy)  # only "big" can ever hold it
+            big = await client.generate(prompt_ids=[1] * 16 * 30, **GREEDY)  # only "big" can ever hold it
             await asyncio.sleep(0.3)
-            small = await client.generate(prompt_ids=[2] * 16 * 2, **greedy)
+            small = await client.generate(prompt_ids=[2] * 16 * 2, **GREEDY)
             reserve = await asyncio.to_thread(small_peer.expect, m.Reserve, 2.0)  # not queued behind `big`
             big_peer.stop_heartbeats()  # dropped after peer_timeout_s = 1 s
             started = time.monotonic()
             with pytest.raises(ServerError) as info:
                 await big.collect()
-            await small.abort()
-            await small.collect()
+            await abort_all(small)
             return info.value, reserve, time.monotonic() - started
 
     error, reserve, waited = asyncio.run(scenario())
@@ -465,15 +468,14 @@ def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) ->
     add("p", "prefill", None)
     room = m.PeerLoad(waiting=0, running=0, kv_blocks_free=10, kv_blocks_total=1000, kv_blocks_reserve=0)
     decode = add("d", "decode", "ipc:///tmp/unused-kv", room)
-    greedy = {"max_tokens": 2, "temperature": 0.0}
 
     async def scenario():
         async with AsyncClient(fleet.frontend, timeout=30) as client:
-            first = await client.generate(prompt_ids=[1] * 16 * 4, **greedy)
+            first = await client.generate(prompt_ids=[1] * 16 * 4, **GREEDY)
             a = await asyncio.to_thread(decode.expect, m.Reserve)
-            second = await client.generate(prompt_ids=[2] * 16 * 4, **greedy)
+            second = await client.generate(prompt_ids=[2] * 16 * 4, **GREEDY)
             b = await asyncio.to_thread(decode.expect, m.Reserve)
-            third = await client.generate(prompt_ids=[3] * 16 * 4, **greedy)  # 2 blocks of room left: queued
+            third = await client.generate(prompt_ids=[3] * 16 * 4, **GREEDY)  # 2 blocks of room left: queued
             decode.load = msgspec.structs.replace(room, kv_blocks_free=0)  # until both refusals are in
             await asyncio.sleep(0.3)
             for refused in (a, b):  # appended: [third, a, b]; pushed to the front: [b, a, third]
@@ -483,9 +485,7 @@ def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) ->
             again = [await asyncio.to_thread(decode.expect, m.Reserve) for _ in range(2)]
             with pytest.raises(TimeoutError):
                 await asyncio.to_thread(decode.expect, m.Reserve, 0.3)
-            for stream in (first, second, third):
-                await stream.abort()
-                await stream.collect()
+            await abort_all(first, second, third)
             return again
 
     again = asyncio.run(scenario())

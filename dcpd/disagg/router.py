@@ -319,6 +319,10 @@ class Router(Frontend):
             route = self.routes.get(key)
             if route is not None:
                 self._attempt_failed(route, f"{peer.role} peer {peer.name} {why}", "peer_died", peer.name)
+        if peer.role == "decode":  # queued requests only it could hold: what a new one would be refused now
+            for route in list(self.queue):
+                if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
+                    self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
         self._update_peer_gauges()
 
     # -- a request's stages --------------------------------------------------------------------------
@@ -361,15 +365,15 @@ class Router(Frontend):
         for route in self.queue:
             if all(free <= 0 for name, free in room.items() if name not in claimed):
                 break
+            # Only peers that can ever take the request (a smaller one would refuse it, ending it).
             whole = self._whole_blocks(route)
-            holders = {peer.name for peer in live if self._can_hold(peer, route.blocks, whole)}
-            if holders <= claimed:
-                continue  # it waits for room that earlier ones wait for first
-            if self._try_reserve(route, skip=claimed):
+            holders = [peer for peer in live if self._can_hold(peer, route.blocks, whole)]
+            candidates = [(room[peer.name], peer) for peer in holders if peer.name in room and peer.name not in claimed]
+            if self._try_reserve(route, candidates):
                 route.queued, served = False, True
                 room[route.decode] = self._decode_room(self.peers[route.decode])
             else:
-                claimed |= holders
+                claimed.update(peer.name for peer in holders)
         if served:
             self.queue = deque(route for route in self.queue if route.queued)
 
@@ -383,14 +387,9 @@ class Router(Frontend):
                       if k in self.routes and self.routes[k].stage is Stage.WAITING_FOR_RESERVATION)  # fmt: skip
         return peer.load.kv_blocks_free - peer.load.kv_blocks_reserve - pending
 
-    def _try_reserve(self, route: Route, skip: set[str]) -> bool:
-        """Send a Reserve to the best decode peer with room for the prompt (not one in `skip`)."""
+    def _try_reserve(self, route: Route, candidates: list[tuple[int, Peer]]) -> bool:
+        """Send a Reserve to the best of these (room, decode peer) with room for the prompt."""
         now = time.monotonic()
-        # Only peers that can ever take the request (a smaller one would refuse it, ending it).
-        whole = self._whole_blocks(route)
-        candidates = [(self._decode_room(peer), peer) for peer in self._live("decode")
-                      if peer.name not in skip and peer.full_until <= now
-                      and self._can_hold(peer, route.blocks, whole)]  # fmt: skip
         candidates = [(room, peer) for room, peer in candidates if room >= route.blocks]
         if not candidates:
             return False
@@ -591,9 +590,6 @@ class Router(Frontend):
         if self.queue and (missing := self._missing_roles()):  # what a new request would be told now
             for route in list(self.queue):
                 self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
-        for route in list(self.queue):  # what a new request would be refused now (the peers for it are gone)
-            if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
-                self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
         self._serve_queue()
 
     def _update_gauges(self) -> None:

@@ -52,12 +52,10 @@ def serve(args: argparse.Namespace) -> int:
     from dcpd.server.logs import configure_logging
 
     process_fields = {} if config.server.role == "unified" else {"role": config.server.role}
-    if config.server.role in ("prefill", "decode"):
+    if config.server.role in ("prefill", "decode") or (process_fields and config.disagg.peer_name):
         from dcpd.disagg.peer import peer_name
 
         process_fields["peer"] = peer_name(config)  # as the router knows it (ROLE-HOST-PID by default)
-    elif process_fields and config.disagg.peer_name:
-        process_fields["peer"] = config.disagg.peer_name
     configure_logging(config.logging.level, config.logging.format, process_fields)
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
