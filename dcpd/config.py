@@ -51,6 +51,9 @@ class DisaggSection(_Section):
     kv_timeout_s: float = 120.0  # decode: reserved blocks wait this long for their KV, then are freed
     kv_lease_s: float = 120.0  # prefill: KV held for an unacknowledged transfer is freed after this
     queue_timeout_s: float = 60.0  # router: a request waits this long for a decode peer with free blocks
+    # router: while a role has no live peer (all dropped or draining: a restart), requests wait this long,
+    # from when one was last live (or the router started), for one to register; then `unavailable`. 0: at once
+    peer_return_grace_s: float = 30.0
     max_attempts: int = 3  # router: tries per request (a new pair after a peer fails before any token)
     # Conditional disaggregation (router): prefill on the decode peer itself, skipping the KV transfer,
     local_prefill_max_tokens: int = 0  # for prompts of at most this many tokens (0: never)
@@ -203,7 +206,7 @@ def _check_values(config: Config) -> None:
             f"disagg.peer_timeout_s = {d.peer_timeout_s}: must exceed two heartbeat intervals "
             f"({2 * d.heartbeat_interval_s} s)"
         )
-    for key in ("local_prefill_max_tokens", "local_prefill_queue"):
+    for key in ("local_prefill_max_tokens", "local_prefill_queue", "peer_return_grace_s"):
         if getattr(d, key) < 0:
             raise ConfigError(f"disagg.{key} = {getattr(d, key)}: must be >= 0")
     if not 0 <= d.push_nice <= 19:

@@ -361,3 +361,32 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
             peer.proc.send_signal(signal.SIGCONT)
         codes = fleet.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+def test_a_request_whose_only_decode_peer_dies_is_served_by_the_one_started_in_its_place(reference) -> None:
+    """1P1D, decode peer killed mid-transfer, and a new one started (as `dcpd cluster` or systemd
+    would): with no decode peer left, the request waits (peer_return_grace_s) instead of failing, and
+    its retry on the new peer is token-identical. Every pool comes back free."""
+    fleet = Fleet("disagg.prefill_timeout_s=30")
+    try:
+        fleet.add("prefill", *PREFILL, wait=False)
+        fleet.add("decode", wait=False)
+        fleet.wait_registered()
+
+        async def scenario():
+            async with AsyncClient(fleet.frontend, timeout=120) as client, AsyncClient(fleet.frontend) as watcher:
+                stream = await client.generate(prompt_ids=LONG_PROMPT, max_tokens=8, **GREEDY)
+                outcome = asyncio.ensure_future(stream.collect())
+                stats = await wait_stats(watcher, lambda s: in_stage(s, "transferring") and busy_peer(s, "decode"))
+                fleet.kill(busy_peer(stats, "decode"))
+                await wait_stats(watcher, lambda s: s["decode_peers"] == 0)  # dropped: no decode peer at all
+                await asyncio.to_thread(fleet.add, "decode", wait=False)
+                result = await outcome
+                await all_free(watcher, timeout=30)
+                return result
+
+        assert asyncio.run(scenario()).token_ids == reference["long"]
+        log = fleet.router.log_text()
+        assert '"event": "no live peer of a role; requests wait for one"' in log and "attempt failed; retrying" in log
+    finally:
+        fleet.stop()

@@ -95,8 +95,9 @@ class ScriptedPeer:
 
 
 @pytest.fixture
-def scripted():
-    fleet = Fleet()
+def scripted(request):
+    """A router (settings: the test's indirect parameter, if any), and `add(...)` for scripted peers."""
+    fleet = Fleet(*getattr(request, "param", ()))
     ctx = zmq.Context()
     peers: list[ScriptedPeer] = []
     try:
@@ -330,9 +331,11 @@ def test_a_reused_request_id_gets_a_new_attempt_key_and_late_messages_of_the_old
     assert result.token_ids == [70, 71] and result.finish_reason == "length"
 
 
-def test_a_queued_request_ends_at_once_when_no_decode_peer_is_left(scripted) -> None:
+@pytest.mark.parametrize("scripted", [("disagg.peer_return_grace_s=1",)], indirect=True)
+def test_a_queued_request_ends_when_no_decode_peer_came_back_within_the_grace(scripted) -> None:
     """A request queued because the only decode peer is full must not wait out queue_timeout_s when
-    that peer dies: it is told `unavailable`, as a new request would be."""
+    that peer dies and no other registers within peer_return_grace_s: it is then told `unavailable`,
+    as a new request would be."""
     fleet, add = scripted
     add("p", "prefill", None)
     full = m.PeerLoad(waiting=0, running=4, kv_blocks_free=0, kv_blocks_total=1000, kv_blocks_reserve=0)
@@ -349,8 +352,8 @@ def test_a_queued_request_ends_at_once_when_no_decode_peer_is_left(scripted) -> 
             return info.value, time.monotonic() - started
 
     error, waited = asyncio.run(scenario())
-    assert error.code == "unavailable" and "no decode peer is registered" in error.message
-    assert waited < 10  # queue_timeout_s is 60 s
+    assert error.code == "unavailable" and "no decode peer is registered (none has been for 1 s)" in error.message
+    assert 1.5 < waited < 10  # peer_timeout_s 1 s, then the grace; queue_timeout_s is 60 s
     with pytest.raises(TimeoutError):
         decode.expect(m.Reserve, timeout=0.2)
 
@@ -490,3 +493,34 @@ def test_refused_reservations_go_back_to_the_queue_in_arrival_order(scripted) ->
 
     again = asyncio.run(scenario())
     assert [reserve.prompt_ids[0] for reserve in again] == [1, 2]
+
+
+def test_requests_wait_for_a_decode_peer_to_register_again(scripted) -> None:
+    """While the only decode peer is gone (a restart), a queued request and a new one wait, within
+    peer_return_grace_s, and go to the decode peer that registers next: neither is told
+    `unavailable`."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    full = m.PeerLoad(waiting=0, running=4, kv_blocks_free=0, kv_blocks_total=1000, kv_blocks_reserve=0)
+    old = add("d", "decode", "ipc:///tmp/unused-kv", full)
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            queued = await client.generate(prompt_ids=[1] * 20, **GREEDY)  # no room on the full peer
+            old.stop_heartbeats()
+            deadline = time.monotonic() + 10
+            while (await client.stats())["decode_peers"]:  # dropped after peer_timeout_s = 1 s
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # several ticks with no decode peer
+            new = await client.generate(prompt_ids=[2] * 20, **GREEDY)
+            await asyncio.sleep(0.2)
+            stats = await client.stats()
+            restarted = await asyncio.to_thread(add, "d2", "decode", "ipc:///tmp/unused-kv2")
+            reserves = [await asyncio.to_thread(restarted.expect, m.Reserve) for _ in range(2)]
+            await abort_all(queued, new)
+            return stats, reserves
+
+    stats, reserves = asyncio.run(scenario())
+    assert stats["queued"] == 2 and stats["decode_peers"] == 0
+    assert [r.prompt_ids for r in reserves] == [[1] * 20, [2] * 20]  # in arrival order

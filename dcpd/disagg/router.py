@@ -45,6 +45,7 @@ from dcpd.server.frontend import ClientRequest, Frontend
 log = structlog.get_logger("dcpd.router")
 
 
+ROLES = ("prefill", "decode")
 TICK_S = 0.02  # how often timeouts, dead peers and the queue are checked
 
 
@@ -109,6 +110,10 @@ class Router(Frontend):
         self.boot = secrets.token_hex(4)
         self.attempt_numbers = itertools.count(1)
         self.arrivals = itertools.count()
+        # When each role last had a live peer (the router's start counts): for peer_return_grace_s after,
+        # requests wait for one to register (a restart) instead of ending as unavailable.
+        self.role_live_at = dict.fromkeys(ROLES, time.monotonic())
+        self.roles_missing = set(ROLES)  # as of the last tick (logged when a role goes)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -173,13 +178,14 @@ class Router(Frontend):
         sampling = self._sampling_options(request.params)
         route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)), next(self.arrivals))
         self.by_client[request.key] = route
-        if missing := self._missing_roles():
-            self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
+        if problem := self._unavailable():
+            self._end(route, "error", "unavailable", problem)
             return
         self._start_attempt(route)
         self._serve_queue()
         if route.queued:
-            log.info("queued for a decode peer", key=route.key, blocks=route.blocks)
+            log.info("queued for a decode peer", key=route.key, blocks=route.blocks,
+                     waiting_for=self._missing_roles() or None)  # fmt: skip
 
     def cancel(self, key: str, code: str | None) -> None:
         route = self.by_client.get(key)
@@ -201,7 +207,16 @@ class Router(Frontend):
 
     def _missing_roles(self) -> list[str]:
         """The roles with no live (registered, not draining) peer."""
-        return [role for role in ("prefill", "decode") if not self._live(role)]
+        return [role for role in ROLES if not self._live(role)]
+
+    def _unavailable(self) -> str | None:
+        """Why no request can be served: a role with no live peer for peer_return_grace_s or longer. None
+        while every role has one, or one may still come back (requests wait for it, queued)."""
+        grace, now = self.config.disagg.peer_return_grace_s, time.monotonic()
+        gone = [role for role in self._missing_roles() if now - self.role_live_at[role] >= grace]
+        if not gone:
+            return None
+        return f"no {' or '.join(gone)} peer is registered" + (f" (none has been for {grace:g} s)" if grace else "")
 
     def _send_peer(self, peer: Peer, message: m._Control) -> None:
         future = self.peer_socket.send_multipart([peer.identity, m.encode(message)], flags=zmq.NOBLOCK)
@@ -357,6 +372,8 @@ class Router(Frontend):
         peer that an earlier queued request could use (else a stream of small requests would starve a
         big one), while a peer that no earlier one can use still serves it. Stops once no peer that is
         still open to later requests has room."""
+        if self._missing_roles():  # nothing to pair with: requests wait for the role to come back
+            return
         now = time.monotonic()
         live = self._live("decode")
         room = {peer.name: self._decode_room(peer) for peer in live if peer.full_until <= now}
@@ -546,8 +563,8 @@ class Router(Frontend):
         elif route.attempt >= self.config.disagg.max_attempts or self.draining:
             self._end(route, "error", "peer_failed", f"{why} (attempt {route.attempt} of "
                                                      f"{self.config.disagg.max_attempts})")  # fmt: skip
-        elif missing := self._missing_roles():
-            self._end(route, "error", "peer_failed", f"{why}; no {' or '.join(missing)} peer left to retry on")
+        elif problem := self._unavailable():
+            self._end(route, "error", "peer_failed", f"{why}; {problem} to retry on")
         else:
             log.warning("attempt failed; retrying", key=route.key, why=why)
             self.metrics.retries.labels(label).inc()
@@ -573,6 +590,14 @@ class Router(Frontend):
 
     def _tick(self, now: float) -> None:
         d = self.config.disagg
+        for role in ROLES:
+            if self._live(role):
+                self.role_live_at[role] = now
+                self.roles_missing.discard(role)
+            elif role not in self.roles_missing:
+                self.roles_missing.add(role)
+                log.warning("no live peer of a role; requests wait for one", role=role,
+                            grace_s=d.peer_return_grace_s)  # fmt: skip
         for peer in list(self.peers.values()):
             if now - peer.last_seen > d.peer_timeout_s:
                 self._drop_peer(peer, f"missed heartbeats for {now - peer.last_seen:.1f} s")
@@ -580,6 +605,10 @@ class Router(Frontend):
             if self.routes.get(route.key) is not route:  # ended by an earlier one in this loop
                 continue
             if route.queued and now - route.queued_since > d.queue_timeout_s:
+                if missing := self._missing_roles():
+                    self._end(route, "error", "unavailable",
+                              f"no {' or '.join(missing)} peer registered within {d.queue_timeout_s} s")  # fmt: skip
+                    continue
                 self._end(route, "error", "overloaded",
                           f"no decode peer had room for its {route.blocks} KV blocks within {d.queue_timeout_s} s "
                           "(requests wait for room in arrival order)")  # fmt: skip
@@ -587,9 +616,9 @@ class Router(Frontend):
                 stuck = route.prefill if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING) else None
                 self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout",
                                      stuck or route.decode)  # fmt: skip
-        if self.queue and (missing := self._missing_roles()):  # what a new request would be told now
+        if self.queue and (problem := self._unavailable()):  # what a new request would be told now
             for route in list(self.queue):
-                self._end(route, "error", "unavailable", f"no {' or '.join(missing)} peer is registered")
+                self._end(route, "error", "unavailable", problem)
         self._serve_queue()
 
     def _update_gauges(self) -> None:
