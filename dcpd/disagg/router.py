@@ -114,6 +114,9 @@ class Router(Frontend):
         # requests wait for one to register (a restart) instead of ending as unavailable.
         self.role_live_at = dict.fromkeys(ROLES, time.monotonic())
         self.roles_missing = set(ROLES)  # as of the last tick (logged when a role goes)
+        # Decode peers dropped less than peer_return_grace_s ago, with their last load: a request only such
+        # a peer can hold waits for it to come back (a restart) instead of being refused.
+        self.departed: dict[str, tuple[float, m.PeerLoad]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -151,13 +154,15 @@ class Router(Frontend):
         return prompt
 
     def _too_big(self, prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why no registered decode peer (draining ones included: they come back) could ever take such a
-        request; None if one could, or if none is registered (then the request is told that instead)."""
+        """Why no decode peer could ever take such a request: none registered (draining ones included:
+        they come back), nor dropped within peer_return_grace_s (it may come back). None if one could,
+        or if there is none at all (then the request is told that instead)."""
         whole, reserved = self._blocks_for(prompt_tokens + max_tokens), self._blocks_for(prompt_tokens)
-        decoders = [peer for peer in self.peers.values() if peer.role == "decode"]
-        if not decoders or any(self._can_hold(peer, reserved, whole) for peer in decoders):
+        loads = [peer.load for peer in self.peers.values() if peer.role == "decode"]
+        loads += [load for _, load in self.departed.values()]
+        if not loads or any(self._can_hold(load, reserved, whole) for load in loads):
             return None
-        load = max((peer.load for peer in decoders), key=lambda load: (self._reservable(load), load.kv_blocks_total))
+        load = max(loads, key=lambda load: (self._reservable(load), load.kv_blocks_total))
         return (
             f"prompt + max_tokens = {prompt_tokens + max_tokens} tokens needs {whole} KV blocks, "
             f"{reserved} of them reserved up front for the prompt; the largest decode peer has "
@@ -170,9 +175,9 @@ class Router(Frontend):
         """The most blocks a decode peer reserves for one prompt (never its reserve)."""
         return load.kv_blocks_total - load.kv_blocks_reserve
 
-    def _can_hold(self, peer: Peer, prompt_blocks: int, whole_blocks: int) -> bool:
+    def _can_hold(self, load: m.PeerLoad, prompt_blocks: int, whole_blocks: int) -> bool:
         """Whether a decode peer could ever take a request: reserve its prompt, and hold all of it as it grows."""
-        return prompt_blocks <= self._reservable(peer.load) and whole_blocks <= peer.load.kv_blocks_total
+        return prompt_blocks <= self._reservable(load) and whole_blocks <= load.kv_blocks_total
 
     def submit(self, request: ClientRequest) -> None:
         sampling = self._sampling_options(request.params)
@@ -311,6 +316,7 @@ class Router(Frontend):
             name, message.role, identity, message.kv_endpoint, message.load, message.pid, message.epoch, message.boot
         )
         self.peers[name] = peer
+        self.departed.pop(name, None)
         log.info("peer registered", peer=name, role=message.role, pid=message.pid, kv_endpoint=message.kv_endpoint,
                  kv_blocks=message.load.kv_blocks_total)  # fmt: skip
         self._send_peer(peer, m.Registered(ok=True))  # first: a peer ignores requests before it
@@ -334,11 +340,17 @@ class Router(Frontend):
             route = self.routes.get(key)
             if route is not None:
                 self._attempt_failed(route, f"{peer.role} peer {peer.name} {why}", "peer_died", peer.name)
-        if peer.role == "decode":  # queued requests only it could hold: what a new one would be refused now
-            for route in list(self.queue):
-                if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
-                    self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
+        if peer.role == "decode":
+            if self.config.disagg.peer_return_grace_s and peer.name not in self.peers:  # not replaced by its restart
+                self.departed[peer.name] = (time.monotonic(), peer.load)
+            self._end_unholdable()
         self._update_peer_gauges()
+
+    def _end_unholdable(self) -> None:
+        """End the queued requests no decode peer could ever hold now: what a new one would be refused."""
+        for route in list(self.queue):
+            if problem := self._too_big(len(route.request.prompt_ids), route.request.params.max_tokens):
+                self._end(route, "error", "unavailable", f"no decode peer left can take it: {problem}")
 
     # -- a request's stages --------------------------------------------------------------------------
     def _advance(self, route: Route, stage: Stage, deadline_s: float | None = None) -> None:
@@ -384,7 +396,7 @@ class Router(Frontend):
                 break
             # Only peers that can ever take the request (a smaller one would refuse it, ending it).
             whole = self._whole_blocks(route)
-            holders = [peer for peer in live if self._can_hold(peer, route.blocks, whole)]
+            holders = [peer for peer in live if self._can_hold(peer.load, route.blocks, whole)]
             candidates = [(room[peer.name], peer) for peer in holders if peer.name in room and peer.name not in claimed]
             if self._try_reserve(route, candidates):
                 route.queued, served = False, True
@@ -601,6 +613,10 @@ class Router(Frontend):
         for peer in list(self.peers.values()):
             if now - peer.last_seen > d.peer_timeout_s:
                 self._drop_peer(peer, f"missed heartbeats for {now - peer.last_seen:.1f} s")
+        if gone := [name for name, (when, _) in self.departed.items() if now - when >= d.peer_return_grace_s]:
+            for name in gone:  # not back in time
+                del self.departed[name]
+            self._end_unholdable()
         for route in list(self.routes.values()):
             if self.routes.get(route.key) is not route:  # ended by an earlier one in this loop
                 continue
