@@ -332,6 +332,13 @@ def test_a_push_niceness_outside_0_to_19_is_refused(value: int) -> None:
         load_config(None, [f"disagg.push_nice={value}"])
 
 
+def test_a_negative_peer_return_grace_is_refused() -> None:
+    from dcpd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"disagg.peer_return_grace_s = -1.0: must be >= 0"):
+        load_config(None, ["disagg.peer_return_grace_s=-1.0"])
+
+
 @pytest.mark.parametrize("name", ["dcpd", "router", "prefill", "decode"])
 def test_shipped_configs_are_valid(name: str) -> None:
     proc = dcpd("check-config", f"config/{name}.toml")

@@ -366,8 +366,10 @@ def test_stage_timeouts_end_requests_on_stuck_peers_and_cancel_their_work() -> N
 def test_a_request_whose_only_decode_peer_dies_is_served_by_the_one_started_in_its_place(reference) -> None:
     """1P1D, decode peer killed mid-transfer, and a new one started (as `dcpd cluster` or systemd
     would): with no decode peer left, the request waits (peer_return_grace_s) instead of failing, and
-    its retry on the new peer is token-identical. Every pool comes back free."""
-    fleet = Fleet("disagg.prefill_timeout_s=30")
+    its retry on the new peer is token-identical. Every pool comes back free. (Generous grace, queue
+    timeout and attempts: the new peer starts on a shared 2-core machine.)"""
+    fleet = Fleet("disagg.prefill_timeout_s=30", "disagg.peer_return_grace_s=120", "disagg.queue_timeout_s=120",
+                  "disagg.max_attempts=5")  # fmt: skip
     try:
         fleet.add("prefill", *PREFILL, wait=False)
         fleet.add("decode", wait=False)

@@ -31,6 +31,18 @@ async def abort_all(*streams) -> None:
         await stream.collect()
 
 
+async def wait_peers(client: AsyncClient, **counts: int) -> None:
+    """Until the router counts these peers (`prefill=`, `decode=`): one whose heartbeats stopped is
+    dropped after peer_timeout_s (1 s here)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = await client.stats()
+        if all(stats[f"{role}_peers"] == n for role, n in counts.items()):
+            return
+        assert time.monotonic() < deadline, f"the router does not count {counts}: {stats}"
+        await asyncio.sleep(0.05)
+
+
 class ScriptedPeer:
     """A DEALER registered with the router; a thread sends heartbeats until `stop_heartbeats()`. The
     test reads what the router sends with `expect()` and answers with `send()`."""
@@ -352,7 +364,7 @@ def test_a_queued_request_ends_when_no_decode_peer_came_back_within_the_grace(sc
             return info.value, time.monotonic() - started
 
     error, waited = asyncio.run(scenario())
-    assert error.code == "unavailable" and "no decode peer is registered (none has been for 1 s)" in error.message
+    assert error.code == "unavailable" and "no decode peer is serving (none registered for 1 s)" in error.message
     assert 1.5 < waited < 10  # peer_timeout_s 1 s, then the grace; queue_timeout_s is 60 s
     with pytest.raises(TimeoutError):
         decode.expect(m.Reserve, timeout=0.2)
@@ -509,10 +521,7 @@ def test_requests_wait_for_a_decode_peer_to_register_again(scripted) -> None:
         async with AsyncClient(fleet.frontend, timeout=30) as client:
             queued = await client.generate(prompt_ids=[1] * 20, **GREEDY)  # no room on the full peer
             old.stop_heartbeats()
-            deadline = time.monotonic() + 10
-            while (await client.stats())["decode_peers"]:  # dropped after peer_timeout_s = 1 s
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await wait_peers(client, decode=0)
             await asyncio.sleep(0.5)  # several ticks with no decode peer
             new = await client.generate(prompt_ids=[2] * 20, **GREEDY)
             await asyncio.sleep(0.2)
@@ -542,10 +551,7 @@ def test_a_request_only_a_restarting_decode_peer_can_hold_waits_for_it(scripted)
         async with AsyncClient(fleet.frontend, timeout=30) as client:
             first = await client.generate(prompt_ids=[1] * 16 * 30, **GREEDY)  # only "big" can ever hold it
             big_peer.stop_heartbeats()
-            deadline = time.monotonic() + 10
-            while (await client.stats())["decode_peers"] == 2:  # dropped after peer_timeout_s = 1 s
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await wait_peers(client, decode=1)
             await asyncio.sleep(0.5)
             second = await client.generate(prompt_ids=[2] * 16 * 30, **GREEDY)
             await asyncio.sleep(0.2)
@@ -558,3 +564,58 @@ def test_a_request_only_a_restarting_decode_peer_can_hold_waits_for_it(scripted)
     queued, reserves = asyncio.run(scenario())
     assert queued == 2
     assert [r.prompt_ids[0] for r in reserves] == [1, 2]
+
+
+@pytest.mark.parametrize("scripted", [("disagg.max_attempts=1",)], indirect=True)
+def test_a_prefill_peer_lost_before_the_reservation_is_answered_costs_no_attempt(scripted) -> None:
+    """The only prefill peer is dropped between the Reserve and its answer: the request waits for a
+    prefill peer to register again (its reservation is cancelled and made anew) instead of failing,
+    even with max_attempts = 1, and the new prefill peer gets it."""
+    fleet, add = scripted
+    old = add("p", "prefill", None)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            stream = await client.generate(prompt_ids=[1] * 20, **GREEDY)
+            first = await asyncio.to_thread(decode.expect, m.Reserve)
+            old.stop_heartbeats()
+            await wait_peers(client, prefill=0)
+            decode.send(m.Reserved(key=first.key, ok=True))
+            cancel = await asyncio.to_thread(decode.expect, m.Cancel)
+            with pytest.raises(TimeoutError):  # no prefill peer: it waits
+                await asyncio.to_thread(decode.expect, m.Reserve, 0.5)
+            new = await asyncio.to_thread(add, "p2", "prefill", None)
+            second = await asyncio.to_thread(decode.expect, m.Reserve)
+            decode.send(m.Reserved(key=second.key, ok=True))
+            prefill = await asyncio.to_thread(new.expect, m.Prefill)
+            await abort_all(stream)
+            return first, cancel, second, prefill
+
+    first, cancel, second, prefill = asyncio.run(scenario())
+    assert cancel.key == first.key and second.key != first.key and prefill.key == second.key
+
+
+@pytest.mark.parametrize("scripted", [("disagg.local_prefill_max_tokens=32",)], indirect=True)
+def test_with_no_prefill_peer_a_prompt_prefilled_on_the_decode_peer_anyway_is_still_served(scripted) -> None:
+    """Conditional disaggregation prefills prompts of at most 32 tokens on the decode peer: while no
+    prefill peer is serving, such a prompt still goes to the decode peer at once; a longer one waits
+    for a prefill peer, and does not hold the short one up."""
+    fleet, add = scripted
+    prefill = add("p", "prefill", None)
+    decode = add("d", "decode", "ipc:///tmp/unused-kv")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            prefill.stop_heartbeats()
+            await wait_peers(client, prefill=0)
+            long = await client.generate(prompt_ids=[1] * 40, **GREEDY)
+            short = await client.generate(prompt_ids=[2] * 20, **GREEDY)
+            reserve = await asyncio.to_thread(decode.expect, m.Reserve)
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(decode.expect, m.Reserve, 0.5)
+            await abort_all(long, short)
+            return reserve
+
+    reserve = asyncio.run(scenario())
+    assert reserve.prompt_ids == [2] * 20 and reserve.prefill_here

@@ -159,8 +159,10 @@ class Router(Frontend):
         or if there is none at all (then the request is told that instead)."""
         whole, reserved = self._blocks_for(prompt_tokens + max_tokens), self._blocks_for(prompt_tokens)
         loads = [peer.load for peer in self.peers.values() if peer.role == "decode"]
+        if not loads:
+            return None
         loads += [load for _, load in self.departed.values()]
-        if not loads or any(self._can_hold(load, reserved, whole) for load in loads):
+        if any(self._can_hold(load, reserved, whole) for load in loads):
             return None
         load = max(loads, key=lambda load: (self._reservable(load), load.kv_blocks_total))
         return (
@@ -183,14 +185,14 @@ class Router(Frontend):
         sampling = self._sampling_options(request.params)
         route = Route(request, sampling, self._blocks_for(len(request.prompt_ids)), next(self.arrivals))
         self.by_client[request.key] = route
-        if problem := self._unavailable():
+        if problem := self._unavailable(route):
             self._end(route, "error", "unavailable", problem)
             return
         self._start_attempt(route)
         self._serve_queue()
         if route.queued:
             log.info("queued for a decode peer", key=route.key, blocks=route.blocks,
-                     waiting_for=self._missing_roles() or None)  # fmt: skip
+                     waiting_for=self._missing_roles(route) or None)  # fmt: skip
 
     def cancel(self, key: str, code: str | None) -> None:
         route = self.by_client.get(key)
@@ -210,18 +212,29 @@ class Router(Frontend):
     def _live(self, role: str) -> list[Peer]:
         return [peer for peer in self.peers.values() if peer.role == role and not peer.load.draining]
 
-    def _missing_roles(self) -> list[str]:
-        """The roles with no live (registered, not draining) peer."""
-        return [role for role in ROLES if not self._live(role)]
+    def _roles_needed(self, route: Route) -> tuple[str, ...]:
+        """A prompt that conditional disaggregation always prefills on its decode peer needs no prefill peer."""
+        limit = self.config.disagg.local_prefill_max_tokens
+        return ("decode",) if limit and len(route.request.prompt_ids) <= limit else ROLES
 
-    def _unavailable(self) -> str | None:
-        """Why no request can be served: a role with no live peer for peer_return_grace_s or longer. None
-        while every role has one, or one may still come back (requests wait for it, queued)."""
+    def _missing_roles(self, route: Route | None = None) -> list[str]:
+        """The roles (that the route needs) with no live peer: none registered, or all draining."""
+        return [role for role in (self._roles_needed(route) if route else ROLES) if not self._live(role)]
+
+    def _gone_roles(self) -> list[str]:
+        """The roles with no live peer that have had none registered for peer_return_grace_s (a draining
+        one counts: it is still there, and its restart follows). Until then one may still come back."""
         grace, now = self.config.disagg.peer_return_grace_s, time.monotonic()
-        gone = [role for role in self._missing_roles() if now - self.role_live_at[role] >= grace]
+        return [role for role in self._missing_roles() if now - self.role_live_at[role] >= grace]
+
+    def _unavailable(self, route: Route, gone: list[str] | None = None) -> str | None:
+        """Why the request cannot be served (a role it needs is gone), or None: it may wait, queued."""
+        needed = self._roles_needed(route)
+        gone = [role for role in (self._gone_roles() if gone is None else gone) if role in needed]
         if not gone:
             return None
-        return f"no {' or '.join(gone)} peer is registered" + (f" (none has been for {grace:g} s)" if grace else "")
+        grace = self.config.disagg.peer_return_grace_s
+        return f"no {' or '.join(gone)} peer is serving" + (f" (none registered for {grace:g} s)" if grace else "")
 
     def _send_peer(self, peer: Peer, message: m._Control) -> None:
         future = self.peer_socket.send_multipart([peer.identity, m.encode(message)], flags=zmq.NOBLOCK)
@@ -360,8 +373,9 @@ class Router(Frontend):
         route.stage, route.since = stage, now
         route.deadline = now + deadline_s if deadline_s is not None else float("inf")
 
-    def _start_attempt(self, route: Route) -> None:
-        route.attempt += 1
+    def _start_attempt(self, route: Route, *, counted: bool = True) -> None:
+        """A new attempt (a new key); `counted=False`: a restart of the same one (max_attempts unchanged)."""
+        route.attempt += 1 if counted else 0
         route.key = f"{route.request.key}#{route.attempt}@{self.boot}.{next(self.attempt_numbers)}"
         route.stage, route.since, route.deadline = Stage.WAITING_FOR_RESERVATION, time.monotonic(), float("inf")
         route.decode = route.prefill = None
@@ -384,16 +398,19 @@ class Router(Frontend):
         peer that an earlier queued request could use (else a stream of small requests would starve a
         big one), while a peer that no earlier one can use still serves it. Stops once no peer that is
         still open to later requests has room."""
-        if self._missing_roles():  # nothing to pair with: requests wait for the role to come back
-            return
-        now = time.monotonic()
         live = self._live("decode")
+        if not live:  # requests wait for one to come back
+            return
+        prefill_live = bool(self._live("prefill"))
+        now = time.monotonic()
         room = {peer.name: self._decode_room(peer) for peer in live if peer.full_until <= now}
         claimed: set[str] = set()  # peers whose room an earlier queued request waits for
         served = False
         for route in self.queue:
             if all(free <= 0 for name, free in room.items() if name not in claimed):
                 break
+            if not prefill_live and "prefill" in self._roles_needed(route):  # it waits for one to come back
+                continue
             # Only peers that can ever take the request (a smaller one would refuse it, ending it).
             whole = self._whole_blocks(route)
             holders = [peer for peer in live if self._can_hold(peer.load, route.blocks, whole)]
@@ -464,8 +481,13 @@ class Router(Frontend):
             self._advance(route, Stage.PREFILLING, self.config.disagg.prefill_timeout_s)
             return
         prefills = self._live("prefill")
-        if not prefills:
-            self._attempt_failed(route, "no prefill peer is registered", "no_prefill_peer")
+        if not prefills:  # gone since the reservation was sent
+            if self._unavailable(route) is None:  # it may come back: wait for it, no attempt lost
+                self._cancel_on_peers(route)
+                self._forget(route)
+                self._start_attempt(route, counted=False)
+            else:
+                self._attempt_failed(route, "no prefill peer is registered", "no_prefill_peer")
             return
         prefills = [p for p in prefills if p.name not in route.failed_peers] or prefills
         prefill = min(prefills, key=lambda p: (len(p.keys) + p.load.waiting, p.name))
@@ -575,8 +597,8 @@ class Router(Frontend):
         elif route.attempt >= self.config.disagg.max_attempts or self.draining:
             self._end(route, "error", "peer_failed", f"{why} (attempt {route.attempt} of "
                                                      f"{self.config.disagg.max_attempts})")  # fmt: skip
-        elif problem := self._unavailable():
-            self._end(route, "error", "peer_failed", f"{why}; {problem} to retry on")
+        elif problem := self._unavailable(route):
+            self._end(route, "error", "peer_failed", f"{why}; nothing to retry on: {problem}")
         else:
             log.warning("attempt failed; retrying", key=route.key, why=why)
             self.metrics.retries.labels(label).inc()
@@ -603,8 +625,9 @@ class Router(Frontend):
     def _tick(self, now: float) -> None:
         d = self.config.disagg
         for role in ROLES:
-            if self._live(role):
+            if any(peer.role == role for peer in self.peers.values()):  # draining too: the grace starts at its drop
                 self.role_live_at[role] = now
+            if self._live(role):
                 self.roles_missing.discard(role)
             elif role not in self.roles_missing:
                 self.roles_missing.add(role)
@@ -621,21 +644,28 @@ class Router(Frontend):
             if self.routes.get(route.key) is not route:  # ended by an earlier one in this loop
                 continue
             if route.queued and now - route.queued_since > d.queue_timeout_s:
-                if missing := self._missing_roles():
-                    self._end(route, "error", "unavailable",
-                              f"no {' or '.join(missing)} peer registered within {d.queue_timeout_s} s")  # fmt: skip
-                    continue
-                self._end(route, "error", "overloaded",
-                          f"no decode peer had room for its {route.blocks} KV blocks within {d.queue_timeout_s} s "
-                          "(requests wait for room in arrival order)")  # fmt: skip
+                self._end(route, "error", *self._queue_timeout(route))
             elif not route.queued and now > route.deadline:
                 stuck = route.prefill if route.stage in (Stage.PREFILLING, Stage.TRANSFERRING) else None
                 self._attempt_failed(route, f"{route.stage.value} timed out", f"{route.stage.value}_timeout",
                                      stuck or route.decode)  # fmt: skip
-        if self.queue and (problem := self._unavailable()):  # what a new request would be told now
-            for route in list(self.queue):
-                self._end(route, "error", "unavailable", problem)
+        if self.queue and (gone := self._gone_roles()):
+            for route in list(self.queue):  # what a new request would be told now
+                if problem := self._unavailable(route, gone):
+                    self._end(route, "error", "unavailable", problem)
         self._serve_queue()
+
+    def _queue_timeout(self, route: Route) -> tuple[str, str]:
+        """(code, message) for a request that waited queue_timeout_s: overloaded if live peers could
+        take it but had no room, unavailable if what it waited for was a peer to come back."""
+        waited = f"waited queue_timeout_s = {self.config.disagg.queue_timeout_s:g} s"
+        if missing := self._missing_roles(route):
+            return "unavailable", f"{waited}: no {' or '.join(missing)} peer is serving"
+        whole = self._whole_blocks(route)
+        if not any(self._can_hold(peer.load, route.blocks, whole) for peer in self._live("decode")):
+            return "unavailable", f"{waited}: no decode peer serving now can hold its {whole} KV blocks"
+        return "overloaded", (f"{waited}: no decode peer had room for its {route.blocks} KV blocks "
+                              "(requests wait for room in arrival order)")  # fmt: skip
 
     def _update_gauges(self) -> None:
         counts = dict.fromkeys(Stage, 0)

@@ -111,7 +111,7 @@ ERROR_CODES = {
     "draining": "the server is shutting down and admits no new requests",
     "aborted": "the request was aborted by the server (shutdown drain budget exceeded)",
     "internal": "the server failed while computing the request",
-    "unavailable": "router: no prefill or no decode peer is registered",
+    "unavailable": "router: no prefill or decode peer (that can hold the request) has served for the grace period",
     "peer_failed": "router: the request's peers failed (died, timed out, or lost the KV) and it could not be retried",
 }
 
