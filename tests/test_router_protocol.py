@@ -619,3 +619,30 @@ def test_with_no_prefill_peer_a_prompt_prefilled_on_the_decode_peer_anyway_is_st
 
     reserve = asyncio.run(scenario())
     assert reserve.prompt_ids == [2] * 20 and reserve.prefill_here
+
+
+@pytest.mark.parametrize("scripted", [("disagg.peer_return_grace_s=1",)], indirect=True)
+def test_the_grace_for_a_draining_peer_starts_when_it_leaves(scripted) -> None:
+    """A rolling restart of the only decode peer: while it drains (longer than peer_return_grace_s),
+    it is no longer offered requests, yet it is still registered, so requests wait rather than end;
+    the grace starts only once it is dropped, and the peer registering next gets them."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    old = add("d", "decode", "ipc:///tmp/unused-kv")
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            old.load = msgspec.structs.replace(IDLE, draining=True)
+            await asyncio.sleep(0.5)  # a few heartbeats: the router knows it drains
+            stream = await client.generate(prompt_ids=[1] * 20, **GREEDY)
+            await asyncio.sleep(2.5)  # drains for longer than the grace
+            old.stop_heartbeats()
+            await wait_peers(client, decode=0)
+            stats = await client.stats()
+            new = await asyncio.to_thread(add, "d2", "decode", "ipc:///tmp/unused-kv2")
+            reserve = await asyncio.to_thread(new.expect, m.Reserve)
+            await abort_all(stream)
+            return stats, reserve
+
+    stats, reserve = asyncio.run(scenario())
+    assert stats["queued"] == 1 and reserve.prompt_ids == [1] * 20
