@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -132,7 +133,7 @@ def test_a_second_daemon_on_a_live_ipc_address_is_refused_not_a_silent_takeover(
                 assert client.health() == "serving"
                 second = dcpd("serve", "--frontend", endpoint, "--set", "metrics.enabled=false")
                 assert second.returncode == 1
-                assert "another process is listening there" in second.stdout + second.stderr
+                assert f"{endpoint}: another process is binding or bound there" in second.stdout + second.stderr
                 assert client.health() == "serving"  # still the first one's address
             busy.bind(("127.0.0.1", 0))
             busy.listen()
@@ -144,6 +145,37 @@ def test_a_second_daemon_on_a_live_ipc_address_is_refused_not_a_silent_takeover(
         finally:
             first.send_signal(signal.SIGTERM)
             assert first.wait(60) == 0
+
+
+def test_an_ipc_path_another_daemon_is_starting_on_is_refused_and_a_stopped_daemon_leaves_no_file() -> None:
+    """Two daemons started at the same instant on one ipc path could both find nobody listening there:
+    the path's lock decides. Here another process holds it (a daemon between its check and its bind):
+    this one is refused (exit 1), naming the lock. A daemon that stops removes its socket file and
+    its lock (libzmq leaves the socket file behind)."""
+    import fcntl
+    import signal
+    import tempfile
+
+    from dcpd.client import Client
+
+    with tempfile.TemporaryDirectory(prefix="dtl", dir="/tmp") as tmp:
+        endpoint = f"ipc://{tmp}/f"
+        with open(f"{tmp}/f.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held = dcpd("serve", "--frontend", endpoint, "--set", "metrics.enabled=false")
+        out = held.stdout + held.stderr
+        assert held.returncode == 1 and f"another process is binding or bound there ({tmp}/f.lock is locked)" in out
+        assert "Traceback" not in out, out[-2000:]
+        serve = [sys.executable, "-m", "dcpd.cli", "serve", "--frontend", endpoint, "--set", "metrics.enabled=false"]
+        daemon = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # the lock file the test left is free now: it is taken over
+            with Client(endpoint, timeout=120) as client:
+                assert client.health() == "serving"
+            assert sorted(os.listdir(tmp)) == ["f", "f.lock"]
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        assert os.listdir(tmp) == []
 
 
 def test_a_peer_without_a_configured_name_logs_the_name_the_router_knows_it_by() -> None:

@@ -18,7 +18,7 @@ import zmq
 
 from dcpd.disagg.transfer import KVAck, KVReceiver
 from dcpd.kv.cache import PagedKVCache
-from dcpd.server.endpoint import bind
+from dcpd.server.endpoint import bind, close_socket
 
 log = structlog.get_logger("dcpd.ingest")
 
@@ -94,7 +94,7 @@ class KVIngest:
             self.on_crash()
             raise
         finally:
-            self.socket.close(linger=0)
+            close_socket(self.socket, linger=0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -39,7 +39,7 @@ from dcpd.engine import RequestError, SamplingParams
 from dcpd.engine.request import check_prompt
 from dcpd.model.loader import ModelSpec
 from dcpd.server import protocol as p
-from dcpd.server.endpoint import bind
+from dcpd.server.endpoint import bind, close_socket
 from dcpd.server.frontend import ClientRequest, Frontend
 
 log = structlog.get_logger("dcpd.router")
@@ -133,7 +133,7 @@ class Router(Frontend):
     def close(self) -> None:
         super().close()
         if self.peer_socket is not None:
-            self.peer_socket.close(linger=1000)  # let the last Cancels reach the peers
+            close_socket(self.peer_socket, linger=1000)  # let the last Cancels reach the peers
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "router_endpoint": self.config.disagg.router_endpoint}

@@ -20,7 +20,7 @@ from dcpd.config import Config
 from dcpd.engine import RequestError, SamplingParams
 from dcpd.model.tokenizer import Tokenizer
 from dcpd.server import protocol as p
-from dcpd.server.endpoint import bind
+from dcpd.server.endpoint import bind, close_socket
 from dcpd.server.service import Service
 
 log = structlog.get_logger("dcpd.frontend")
@@ -87,7 +87,7 @@ class Frontend(Service):
 
     def close(self) -> None:
         if self.socket is not None:
-            self.socket.close(linger=1000)  # the last replies of a drain are on their way: let them leave
+            close_socket(self.socket, linger=1000)  # the last replies of a drain are on their way: let them leave
 
     def describe(self) -> dict[str, object]:
         return {"frontend": self.config.server.frontend, "model": self.model_source}
