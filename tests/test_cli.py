@@ -154,6 +154,7 @@ def test_an_ipc_path_another_daemon_is_starting_on_is_refused_and_a_stopped_daem
     its lock (libzmq leaves the socket file behind)."""
     import fcntl
     import signal
+    import socket
     import tempfile
 
     from dcpd.client import Client
@@ -166,6 +167,12 @@ def test_an_ipc_path_another_daemon_is_starting_on_is_refused_and_a_stopped_daem
         out = held.stdout + held.stderr
         assert held.returncode == 1 and f"another process is binding or bound there ({tmp}/f.lock is locked)" in out
         assert "Traceback" not in out, out[-2000:]
+        with socket.socket(socket.AF_UNIX) as other:  # a process that takes no lock listens there
+            other.bind(f"{tmp}/o")
+            other.listen()
+            taken = dcpd("serve", "--frontend", f"ipc://{tmp}/o", "--set", "metrics.enabled=false")
+        assert taken.returncode == 1 and f"ipc://{tmp}/o: another process is listening there" in taken.stdout
+        os.unlink(f"{tmp}/o")
         serve = [sys.executable, "-m", "dcpd.cli", "serve", "--frontend", endpoint, "--set", "metrics.enabled=false"]
         daemon = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:  # the lock file the test left is free now: it is taken over

@@ -646,3 +646,30 @@ def test_the_grace_for_a_draining_peer_starts_when_it_leaves(scripted) -> None:
 
     stats, reserve = asyncio.run(scenario())
     assert stats["queued"] == 1 and reserve.prompt_ids == [1] * 20
+
+
+def test_a_request_the_returning_decode_peer_cannot_hold_ends_when_it_registers(scripted) -> None:
+    """With no decode peer registered, a request is accepted and waits (the peer may come back bigger);
+    when one registers and neither it nor any dropped one could hold the request, it ends at once
+    (unavailable, naming the sizes) rather than waiting out queue_timeout_s."""
+    fleet, add = scripted
+    add("p", "prefill", None)
+    small = m.PeerLoad(waiting=0, running=0, kv_blocks_free=20, kv_blocks_total=20, kv_blocks_reserve=0)
+    old = add("d", "decode", "ipc:///tmp/unused-kv", small)
+
+    async def scenario():
+        async with AsyncClient(fleet.frontend, timeout=30) as client:
+            old.stop_heartbeats()
+            await wait_peers(client, decode=0)
+            stream = await client.generate(prompt_ids=[1] * 16 * 30, **GREEDY)  # 30 blocks: more than "d" has
+            await asyncio.sleep(0.3)
+            queued = (await client.stats())["queued"]
+            await asyncio.to_thread(add, "d", "decode", "ipc:///tmp/unused-kv", small, "new-boot")
+            started = time.monotonic()
+            with pytest.raises(ServerError) as info:
+                await stream.collect()
+            return queued, info.value, time.monotonic() - started
+
+    queued, error, waited = asyncio.run(scenario())
+    assert queued == 1 and waited < 5  # queue_timeout_s is 60 s
+    assert error.code == "unavailable" and "the largest decode peer has 20" in error.message

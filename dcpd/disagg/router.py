@@ -335,6 +335,8 @@ class Router(Frontend):
         self._send_peer(peer, m.Registered(ok=True))  # first: a peer ignores requests before it
         if old is not None:  # once the new one is in place: the old one's requests may retry on it
             self._peer_gone(old, "registered again (restarted)")
+        elif peer.role == "decode":  # the first registered: queued requests no decode peer can hold end now
+            self._end_unholdable()
         self._update_peer_gauges()
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
@@ -379,7 +381,8 @@ class Router(Frontend):
         route.key = f"{route.request.key}#{route.attempt}@{self.boot}.{next(self.attempt_numbers)}"
         route.stage, route.since, route.deadline = Stage.WAITING_FOR_RESERVATION, time.monotonic(), float("inf")
         route.decode = route.prefill = None
-        route.queued_since = 0.0
+        if counted:  # the queue wait counts per attempt
+            route.queued_since = 0.0
         self.routes[route.key] = route
         self._queue_up(route)  # served by the caller, or within a tick (retries fail in batches: one pass after)
 
@@ -482,7 +485,7 @@ class Router(Frontend):
             return
         prefills = self._live("prefill")
         if not prefills:  # gone since the reservation was sent
-            if self._unavailable(route) is None:  # it may come back: wait for it, no attempt lost
+            if self._unavailable(route) is None and not self.draining:  # it may come back: wait, no attempt lost
                 self._cancel_on_peers(route)
                 self._forget(route)
                 self._start_attempt(route, counted=False)

@@ -26,22 +26,27 @@ class _IpcHold:
         self.path, self.lock_path = path, f"{path}.lock"
         self.fd: int | None = None
         while self.fd is None:
+            # Read-only is enough for flock; 0644 lets a daemon of another user lock a file one left behind.
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
-                raise zmq.ZMQError(exc.errno, f"ipc://{path}: cannot open its lock file: {exc}") from None
+                raise zmq.ZMQError(exc.errno or errno.EIO, f"ipc://{path}: cannot open its lock file: {exc}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The holder before us may have removed the file between our open and our lock: try again.
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
             except BlockingIOError:
                 os.close(fd)
                 raise zmq.ZMQError(
                     errno.EADDRINUSE, f"ipc://{path}: another process is binding or bound there ({self.lock_path} "
                     "is locked) (Address in use)"
                 ) from None  # fmt: skip
-            try:  # the holder before us may have removed the file between our open and our lock: try again
-                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+            except OSError as exc:  # no locks on this file system, ...
+                os.close(fd)
+                why = f"ipc://{path}: cannot lock {self.lock_path}: {exc}"
+                raise zmq.ZMQError(exc.errno or errno.EIO, why) from None
             if same:
                 self.fd = fd
             else:
@@ -50,13 +55,15 @@ class _IpcHold:
     def release(self, *, remove_socket_file: bool) -> None:
         if self.fd is None:
             return
-        for path in (self.path, self.lock_path) if remove_socket_file else (self.lock_path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        os.close(self.fd)  # unlinked first: whoever locks next works on a new file
-        self.fd = None
+        try:
+            for path in (self.path, self.lock_path) if remove_socket_file else (self.lock_path,):
+                try:
+                    os.unlink(path)
+                except OSError:  # gone already, or a directory we may not write: nothing to tidy
+                    pass
+        finally:
+            os.close(self.fd)  # unlinked first: whoever locks next works on a new file
+            self.fd = None
 
     def __del__(self) -> None:  # a socket dropped without close_socket: give the lock up at least
         if self.fd is not None:
@@ -70,8 +77,8 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
     """`sock.bind(endpoint)`, refusing an ipc path another process holds or listens on (a stale socket
     file, with nobody listening, is still replaced). Close the socket with `close_socket`."""
     path = endpoint.removeprefix("ipc://")
-    if not endpoint.startswith("ipc://") or path.startswith("@"):  # tcp, or Linux's abstract namespace:
-        sock.bind(endpoint)  # no file to take over, a second bind fails by itself
+    if not endpoint.startswith("ipc://") or path.startswith("@") or path == "*":
+        sock.bind(endpoint)  # tcp, Linux's abstract namespace, a fresh temporary path: nothing to take over
         return
     hold = _IpcHold(path)
     try:
