@@ -110,8 +110,8 @@ class Router(Frontend):
         self.boot = secrets.token_hex(4)
         self.attempt_numbers = itertools.count(1)
         self.arrivals = itertools.count()
-        # When each role last had a live peer (the router's start counts): for peer_return_grace_s after,
-        # requests wait for one to register (a restart) instead of ending as unavailable.
+        # When each role last had a peer registered, draining ones included (the router's start counts): for
+        # peer_return_grace_s after, requests wait for a live one to register (a restart) instead of ending.
         self.role_live_at = dict.fromkeys(ROLES, time.monotonic())
         self.roles_missing = set(ROLES)  # as of the last tick (logged when a role goes)
         # Decode peers dropped less than peer_return_grace_s ago, with their last load: a request only such
@@ -639,8 +639,8 @@ class Router(Frontend):
         for peer in list(self.peers.values()):
             if now - peer.last_seen > d.peer_timeout_s:
                 self._drop_peer(peer, f"missed heartbeats for {now - peer.last_seen:.1f} s")
-        if gone := [name for name, (when, _) in self.departed.items() if now - when >= d.peer_return_grace_s]:
-            for name in gone:  # not back in time
+        if expired := [name for name, (when, _) in self.departed.items() if now - when >= d.peer_return_grace_s]:
+            for name in expired:  # not back in time
                 del self.departed[name]
             self._end_unholdable()
         for route in list(self.routes.values()):
