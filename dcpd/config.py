@@ -51,8 +51,8 @@ class DisaggSection(_Section):
     kv_timeout_s: float = 120.0  # decode: reserved blocks wait this long for their KV, then are freed
     kv_lease_s: float = 120.0  # prefill: KV held for an unacknowledged transfer is freed after this
     queue_timeout_s: float = 60.0  # router: a request waits this long for a decode peer with free blocks
-    # router: while a role has no live peer (all dropped or draining: a restart), requests wait this long,
-    # from when one was last live (or the router started), for one to register; then `unavailable`. 0: at once
+    # router: while a role has no peer serving (none registered, or all draining: a restart), requests wait for
+    # one until this long after the last one left (or the router started); then `unavailable`. 0: at once
     peer_return_grace_s: float = 30.0
     max_attempts: int = 3  # router: tries per request (a new pair after a peer fails before any token)
     # Conditional disaggregation (router): prefill on the decode peer itself, skipping the KV transfer,

@@ -112,7 +112,7 @@ class Router(Frontend):
         self.arrivals = itertools.count()
         # When each role last had a peer registered, draining ones included (the router's start counts): for
         # peer_return_grace_s after, requests wait for a live one to register (a restart) instead of ending.
-        self.role_live_at = dict.fromkeys(ROLES, time.monotonic())
+        self.role_seen_at = dict.fromkeys(ROLES, time.monotonic())
         self.roles_missing = set(ROLES)  # as of the last tick (logged when a role goes)
         # Decode peers dropped less than peer_return_grace_s ago, with their last load: a request only such
         # a peer can hold waits for it to come back (a restart) instead of being refused.
@@ -225,7 +225,7 @@ class Router(Frontend):
         """The roles with no live peer that have had none registered for peer_return_grace_s (a draining
         one counts: it is still there, and its restart follows). Until then one may still come back."""
         grace, now = self.config.disagg.peer_return_grace_s, time.monotonic()
-        return [role for role in self._missing_roles() if now - self.role_live_at[role] >= grace]
+        return [role for role in self._missing_roles() if now - self.role_seen_at[role] >= grace]
 
     def _unavailable(self, route: Route, gone: list[str] | None = None) -> str | None:
         """Why the request cannot be served (a role it needs is gone), or None: it may wait, queued."""
@@ -629,7 +629,7 @@ class Router(Frontend):
         d = self.config.disagg
         for role in ROLES:
             if any(peer.role == role for peer in self.peers.values()):  # draining too: the grace starts at its drop
-                self.role_live_at[role] = now
+                self.role_seen_at[role] = now
             if self._live(role):
                 self.roles_missing.discard(role)
             elif role not in self.roles_missing:
